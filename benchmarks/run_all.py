@@ -1,0 +1,63 @@
+"""Run the benchmark suite and regenerate docs/benchmarks.md from benchmarks/results/*.md.
+
+    python benchmarks/run_all.py                 # run every bench_*.py, then regenerate the page
+    python benchmarks/run_all.py --only data_writer
+    python benchmarks/run_all.py --collect       # only regenerate the page from recorded results
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+DOC = HERE.parent / "docs" / "benchmarks.md"
+
+#: Section titles and order on the benchmarks page (results/NAME.md).
+SECTIONS = {
+    "data_writer": "AA data writer overhead (issue 2)",
+    "liquid_density": "Liquid densities under NPT vs experiment (issue 2)",
+}
+
+INTRO = """# Benchmarks
+
+Speed and quality targets are measured by the scripts in `benchmarks/`, not by timed tests. Each
+script writes `benchmarks/results/NAME.json` (raw numbers, date, machine) and `NAME.md` (the table
+below). Ratios are measured side by side in one run, because these machines are noisy.
+Regenerate everything with `make bench` (or `python benchmarks/run_all.py`); this page is rebuilt from
+the recorded results by `python benchmarks/run_all.py --collect`.
+"""
+
+
+def collect() -> None:
+    parts = [INTRO]
+    results = HERE / "results"
+    names = list(SECTIONS) + sorted(p.stem for p in results.glob("*.md") if p.stem not in SECTIONS)
+    for name in names:
+        md = results / f"{name}.md"
+        if not md.exists():
+            parts.append(f"## {SECTIONS.get(name, name)}\n\n_Not yet recorded: run `python benchmarks/bench_{name}.py`._\n")
+            continue
+        parts.append(f"## {SECTIONS.get(name, name)}\n\n{md.read_text().strip()}\n")
+    DOC.write_text("\n".join(parts))
+    print(f"wrote {DOC}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="benchmark names to run (default: all)")
+    parser.add_argument("--collect", action="store_true", help="only regenerate docs/benchmarks.md")
+    args = parser.parse_args()
+    if not args.collect:
+        scripts = sorted(HERE.glob("bench_*.py"))
+        if args.only:
+            scripts = [s for s in scripts if s.stem.removeprefix("bench_") in args.only]
+        for script in scripts:
+            print(f"== {script.name}", flush=True)
+            subprocess.run([sys.executable, str(script)], check=True)
+    collect()
+
+
+if __name__ == "__main__":
+    main()
