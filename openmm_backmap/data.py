@@ -210,7 +210,13 @@ class TrajectoryWriter:
 
     def _open_existing(self, kind: str, restart_step: int | None) -> h5py.File:
         _check_header(self.path)  # raises on foreign/corrupt files before anything is modified
-        f = h5py.File(self.path, "a", libver="latest")
+        try:
+            f = h5py.File(self.path, "a", libver="latest")
+        except OSError as exc:
+            if "already open for write" not in str(exc):
+                raise
+            _recover_after_crash(self.path)  # a writer died without closing: clear the SWMR-write flag
+            f = h5py.File(self.path, "a", libver="latest")
         try:
             if f.attrs["topology_fingerprint"] != self._fingerprint or int(f.attrs["n_atoms"]) != self.n_atoms:
                 raise ValueError(
@@ -228,7 +234,7 @@ class TrajectoryWriter:
                     stacklevel=4,
                 )
                 n = keep
-            for name in (*_FRAME_FIELDS, "potential_energy", "time", "box_vectors"):
+            for name in (*_FRAME_FIELDS, "potential_energy", "time", "box_vectors", "step"):
                 if name in f and f[name].shape[0] != n:
                     f[name].resize(n, axis=0)
         except Exception:
@@ -275,28 +281,69 @@ class TrajectoryWriter:
         Arrays are in nm, kJ/mol/nm and nm/ps; ``potential_energy`` in kJ/mol; ``box_vectors`` (3, 3) in nm,
         required for periodic topologies.
         """
+        self.append_frames(
+            step=[step],
+            time_ps=[time_ps],
+            positions=np.asarray(positions)[None],
+            forces=None if forces is None else np.asarray(forces)[None],
+            velocities=None if velocities is None else np.asarray(velocities)[None],
+            potential_energy=[potential_energy],
+            box_vectors=None if box_vectors is None else np.asarray(box_vectors)[None],
+        )
+
+    def append_frames(
+        self,
+        *,
+        step: Sequence[int],
+        time_ps: Sequence[float],
+        positions: np.ndarray,
+        forces: np.ndarray | None = None,
+        velocities: np.ndarray | None = None,
+        potential_energy: Sequence[float] | None = None,
+        box_vectors: np.ndarray | None = None,
+    ) -> None:
+        """Write a block of ``k`` frames (arrays with a leading frame axis) and flush once.
+
+        Everything is validated before anything is written, so a bad block leaves the file unchanged.
+        """
+        step = np.asarray(step, dtype=np.int64).reshape(-1)
+        k = step.size
         data = {"positions": positions, "forces": forces, "velocities": velocities}
         for name in self.fields:
             if data[name] is None:
-                raise ValueError(f"this file stores {name!r} but none were given for step {step}")
-            data[name] = as_coordinates(data[name], self.n_atoms, name=name, allow_batch=False)
+                raise ValueError(f"this file stores {name!r} but none were given for step {int(step[0])}")
+            arr = as_coordinates(data[name], self.n_atoms, name=name)
+            if arr.ndim != 3 or arr.shape[0] != k:
+                raise ValueError(f"{name} must have shape ({k}, {self.n_atoms}, 3); got {arr.shape}")
+            data[name] = arr
+        scalars = {
+            "time": np.asarray(time_ps, dtype=np.float64).reshape(-1),
+            "potential_energy": (np.full(k, np.nan) if potential_energy is None
+                                 else np.asarray(potential_energy, dtype=np.float64).reshape(-1)),
+        }
+        for name, arr in scalars.items():
+            if arr.size != k:
+                raise ValueError(f"{name} has {arr.size} values for {k} frames")
         if self.periodic:
             if box_vectors is None:
                 raise ValueError("box_vectors are required for a periodic topology")
-            box_vectors = as_box_vectors(box_vectors, allow_batch=False)
+            box_vectors = as_box_vectors(box_vectors).reshape(k, 3, 3)
+        last = self.last_step
+        if last is not None and step[0] <= last or np.any(np.diff(step) <= 0):
+            raise ValueError(f"steps must increase: got {step[:3].tolist()}... after stored step {last}")
         n = self.n_frames
         f = self._file
         for name in self.fields:
-            f[name].resize(n + 1, axis=0)
-            f[name][n] = data[name]
-        for name, value in (("potential_energy", potential_energy), ("time", time_ps)):
-            f[name].resize(n + 1, axis=0)
-            f[name][n] = value
+            f[name].resize(n + k, axis=0)
+            f[name][n:] = data[name]
+        for name, arr in scalars.items():
+            f[name].resize(n + k, axis=0)
+            f[name][n:] = arr
         if self.periodic:
-            f["box_vectors"].resize(n + 1, axis=0)
-            f["box_vectors"][n] = box_vectors
-        f["step"].resize(n + 1, axis=0)  # last: a frame counts once its step is on disk
-        f["step"][n] = step
+            f["box_vectors"].resize(n + k, axis=0)
+            f["box_vectors"][n:] = box_vectors
+        f["step"].resize(n + k, axis=0)  # last: a frame counts once its step is on disk
+        f["step"][n:] = step
         f.flush()
 
     def close(self) -> None:
@@ -615,6 +662,27 @@ def _check_header(path: Path) -> None:
             f"{path} has format version {int(version)}, newer than this openmm-backmap supports "
             f"({FORMAT_VERSION}); upgrade openmm-backmap"
         )
+
+
+def _recover_after_crash(path: Path) -> None:
+    """Rewrite a file whose writer died in SWMR mode, so that it can be opened for writing again.
+
+    HDF5 marks a file "open for SWMR write" in its superblock and refuses to open it for writing until the
+    flag is cleared (the ``h5clear`` tool).  The data up to the last flush is intact and readable, so it is
+    copied into a fresh file that then atomically replaces the original.  The caller must make sure no
+    other process is still writing the file.
+    """
+    tmp = path.with_name(path.name + ".recovering")
+    warnings.warn(f"{path} was not closed by its writer (crash?); recovering the frames flushed to it", stacklevel=4)
+    try:
+        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class _LazyField:

@@ -67,6 +67,7 @@ __all__ = [
     "FRAGMENTS_FORMAT",
     "FRAGMENTS_FORMAT_VERSION",
     "WEIGHT_SCHEMES",
+    "map_dataset",
 ]
 
 #: ``format`` tag and version of files written by :meth:`CGMapping.save`.
@@ -469,8 +470,8 @@ class CGMapping:
         return _apply(self._force, forces)
 
     # ------------------------------------------------------------------ I/O
-    def save(self, path: str | Path) -> None:
-        """Write the map to a YAML file (bead atoms, shares, weights, constraints, AA fingerprint)."""
+    def to_yaml(self) -> str:
+        """The map as YAML text (bead atoms, shares, weights, constraints, AA fingerprint); see :meth:`save`."""
         doc: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -484,8 +485,11 @@ class CGMapping:
         }
         if len(self._constraints):
             doc["constraints"] = self._constraints.tolist()
-        with open(path, "w") as handle:
-            yaml.safe_dump(doc, handle, sort_keys=False, default_flow_style=None)
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | Path) -> None:
+        """Write the map to a YAML file (bead atoms, shares, weights, constraints, AA fingerprint)."""
+        Path(path).write_text(self.to_yaml())
 
     @classmethod
     def load(cls, path: str | Path, topology: AnyTopology) -> "CGMapping":
@@ -857,3 +861,97 @@ def _check_format(doc: Mapping[str, Any], expected: str, version: int, source: s
         raise ValueError(
             f"{source}: unsupported format_version {doc.get('format_version')!r} (this version reads {version})"
         )
+
+
+def map_dataset(
+    dataset: "AADataset | str | Path",
+    mapping: CGMapping,
+    path: str | Path,
+    *,
+    chunk_size: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Map every frame of an AA dataset to CG and write a CG dataset.
+
+    Positions are mapped with molecules made whole (periodic data), forces with the force map, velocities
+    (if stored) with the position map; potential energy, time, step and box are copied.  If ``mapping``
+    knows no constraints but the dataset's ``openmm.System`` has some, the map is made constraint-aware
+    with them (see :meth:`CGMapping.with_constraints`).  The map itself is stored in the file
+    (``CGDataset.text("mapping")``).
+
+    Parameters
+    ----------
+    dataset
+        An :class:`~openmm_backmap.data.AADataset` or the path of one.
+    mapping
+        A map made for the dataset's topology.
+    path
+        Output HDF5 file; written to a temporary name and renamed when complete, so a failure leaves
+        no partial file.
+    chunk_size
+        Frames mapped per block (memory use ~ chunk_size x n_atoms x 3 x 8 bytes x fields).
+    overwrite
+        Replace an existing output file.
+
+    Returns
+    -------
+    Path
+        The CG dataset.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import AADataset, TrajectoryWriter
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    own = not isinstance(dataset, AADataset)
+    aa = AADataset(dataset) if own else dataset
+    try:
+        if aa.topology_fingerprint != mapping.topology_fingerprint or aa.n_atoms != mapping.n_atoms:
+            raise ValueError(
+                f"the mapping was made for another topology ({mapping.n_atoms} atoms) than {aa.path} "
+                f"({aa.n_atoms} atoms)"
+            )
+        if aa.n_frames == 0:
+            raise ValueError(f"{aa.path} holds no frames")
+        if not len(mapping.constraints):
+            try:
+                system = aa.system
+            except ValueError:
+                system = None
+            if system is not None and system.getNumConstraints():
+                mapping = mapping.with_constraints(system)
+        fields = [f for f in aa.fields if f in ("positions", "forces", "velocities")]
+        settings = {**aa.settings, "mapped_from": str(aa.path), "aa_topology_fingerprint": aa.topology_fingerprint,
+                    "constraint_aware_forces": bool(len(mapping.constraints))}
+        tmp = path.with_name(path.name + ".partial")
+        tmp.unlink(missing_ok=True)
+        try:
+            with TrajectoryWriter(tmp, mapping.to_openmm_topology(), fields=fields, kind="cg",
+                                  dtype=str(aa.positions.dtype), settings=settings,
+                                  extra={"mapping": mapping.to_yaml()}) as writer:
+                n = aa.n_frames
+                energy, time, step = aa.potential_energy, aa.time, aa.step
+                with tqdm(total=n, unit="frame", disable=not progress, desc=f"mapping -> {path.name}") as bar:
+                    for start in range(0, n, chunk_size):
+                        sl = slice(start, min(n, start + chunk_size))
+                        box = aa.box_vectors[sl] if aa.periodic else None
+                        xyz = aa.positions[sl].astype(np.float64)
+                        if box is not None:
+                            xyz = mapping.make_molecules_whole(xyz, box)
+                        writer.append_frames(
+                            step=step[sl], time_ps=time[sl], potential_energy=energy[sl], box_vectors=box,
+                            positions=mapping.map_positions(xyz),
+                            forces=mapping.map_forces(aa.forces[sl]) if "forces" in fields else None,
+                            velocities=mapping.map_positions(aa.velocities[sl]) if "velocities" in fields else None,
+                        )
+                        bar.update(sl.stop - sl.start)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        if own:
+            aa.close()
+    return path
