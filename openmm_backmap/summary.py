@@ -41,7 +41,8 @@ def _bond_lengths(cg: CGDataset) -> dict[str, np.ndarray]:
     out = {}
     for a, b in top.bonds():
         d = np.linalg.norm(xyz[:, b.index] - xyz[:, a.index], axis=-1)
-        out[f"{atoms[a.index].name}-{atoms[b.index].name}"] = d
+        label = lambda atom: f"{atom.residue.name}:{atom.name}"  # noqa: E731
+        out[f"{label(atoms[a.index])}-{label(atoms[b.index])}"] = d
     return out
 
 
