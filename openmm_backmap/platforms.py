@@ -1,8 +1,9 @@
 """Choosing an OpenMM platform for a system.
 
 For small systems the per-step overhead of the CPU platform (~0.4 ms on 2 cores) dominates: alanine
-dipeptide in OBC2 runs ~19 000 steps/s on Reference and ~1 300 on CPU.  Larger systems, and anything with
-PME, are faster on CPU; a GPU platform wins whenever one is present.
+dipeptide in OBC2 (native GBSAOBCForce) runs ~19 000 steps/s on Reference and ~1 300 on CPU.  Larger
+systems, anything with PME, and custom-expression forces (interpreted on Reference, compiled on CPU: the
+CustomGBForce of GBn2 runs ~10x faster on CPU) go to CPU; a GPU platform wins whenever one is present.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def _uses_ewald(system: openmm.System) -> bool:
     )
 
 
+def _has_custom_force(system: openmm.System) -> bool:
+    return any(type(f).__name__.startswith("Custom") for f in system.getForces())
+
+
 def choose_platform(system: openmm.System, platform: str | openmm.Platform | None = None) -> openmm.Platform:
     """Return the platform to run ``system`` on.
 
@@ -33,8 +38,8 @@ def choose_platform(system: openmm.System, platform: str | openmm.Platform | Non
         The system that will be simulated.
     platform
         A platform object or name (``"Reference"``, ``"CPU"``, ``"CUDA"``, ``"OpenCL"``) to force a choice.
-        ``None`` picks CUDA or OpenCL if present, else Reference for small systems without Ewald/PME
-        (at most :data:`REFERENCE_MAX_PARTICLES` particles), else CPU.
+        ``None`` picks CUDA or OpenCL if present, else Reference for small systems without Ewald/PME or
+        custom-expression forces (at most :data:`REFERENCE_MAX_PARTICLES` particles), else CPU.
     """
     if isinstance(platform, openmm.Platform):
         return platform
@@ -46,6 +51,7 @@ def choose_platform(system: openmm.System, platform: str | openmm.Platform | Non
     for gpu in ("CUDA", "OpenCL"):
         if gpu in names:
             return openmm.Platform.getPlatformByName(gpu)
-    if system.getNumParticles() <= REFERENCE_MAX_PARTICLES and not _uses_ewald(system):
+    small = system.getNumParticles() <= REFERENCE_MAX_PARTICLES
+    if small and not _uses_ewald(system) and not _has_custom_force(system):
         return openmm.Platform.getPlatformByName("Reference")
     return openmm.Platform.getPlatformByName("CPU")
