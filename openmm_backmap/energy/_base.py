@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 #: Coulomb constant ONE_4PI_EPS0 as used by OpenMM, kJ mol^-1 nm e^-2.
-ONE_4PI_EPS0 = 138.935456
+ONE_4PI_EPS0 = 138.93545764438198
 
 
 class EnergyTerm(torch.nn.Module):
