@@ -18,6 +18,7 @@ DOC = HERE.parent / "docs" / "benchmarks.md"
 SECTIONS = {
     "data_writer": "AA data writer overhead (issue 2)",
     "liquid_density": "Liquid densities under NPT vs experiment (issue 2)",
+    "energy": "AAEnergy vs OpenMM (issue 3)",
 }
 
 INTRO = """# Benchmarks

@@ -399,3 +399,24 @@ def test_bad_input_errors():
         systems.liquid("BENZ", switch_nm=1.2)
     with pytest.raises(ValueError, match="padding_nm"):
         systems.alanine_dipeptide("tip3p", padding_nm=0.3)
+
+
+def test_obc2_is_native_and_equals_openmm_obc2_xml():
+    """The native GBSAOBCForce must reproduce OpenMM's implicit/obc2.xml (CustomGBForce) model."""
+    ts = systems.alanine_dipeptide("obc2")
+    assert any(isinstance(f, openmm.GBSAOBCForce) for f in ts.system.getForces())
+    assert not any(isinstance(f, openmm.CustomGBForce) for f in ts.system.getForces())
+    stock = app.ForceField("amber14-all.xml", "implicit/obc2.xml").createSystem(
+        ts.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        x = ts.positions_nm + rng.normal(scale=0.01, size=ts.positions_nm.shape)
+        out = []
+        for system in (ts.system, stock):
+            ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
+            ctx.setPositions(x)
+            state = ctx.getState(getEnergy=True, getForces=True)
+            out.append((state.getPotentialEnergy()._value, state.getForces(asNumpy=True)._value))
+        # identical model; the custom expression hard-codes 138.935485 instead of OpenMM's 138.9354576
+        assert out[0][0] == pytest.approx(out[1][0], rel=5e-7)
+        np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-3, rtol=1e-6)
