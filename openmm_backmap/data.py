@@ -704,6 +704,10 @@ class _LazyField:
         return self._owner.n_frames
 
     def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, tuple):  # frames first (read lazily), then the rest in memory
+            frames = self[index[0]]
+            rest = index[1:]
+            return frames[rest] if isinstance(index[0], (int, np.integer)) else frames[(slice(None), *rest)]
         ds = self._owner._file[self._name]
         n = len(self)
         if isinstance(index, (int, np.integer)):
@@ -779,8 +783,8 @@ class TrajectoryDataset:
     """Lazy reader of an openmm-backmap HDF5 trajectory.
 
     Per-frame arrays are exposed as array-like views (``ds.positions[10:20]`` reads only those frames),
-    so datasets larger than memory can be used.  The file may still be growing (SWMR): ``n_frames`` is
-    re-read on every access.
+    so datasets larger than memory can be used.  The file may still be growing (SWMR): call
+    :meth:`refresh` to see frames written since it was opened.
 
     Parameters
     ----------
@@ -806,9 +810,16 @@ class TrajectoryDataset:
     # -- metadata ------------------------------------------------------------------------------------
     @property
     def n_frames(self) -> int:
-        ds = self._file["step"]
-        ds.refresh()
-        return int(ds.shape[0])
+        return int(self._file["step"].shape[0])
+
+    def refresh(self) -> None:
+        """Re-open the file to see frames appended since it was opened (a run still writing it).
+
+        Re-opening rather than h5py's ``Dataset.refresh()``: with h5py 3.16 / HDF5 2.0, refreshing a
+        SWMR dataset more than once corrupts reads past its first chunk.
+        """
+        self._file.close()
+        self._file = h5py.File(self.path, "r", swmr=True)
 
     def __len__(self) -> int:
         return self.n_frames
@@ -869,7 +880,6 @@ class TrajectoryDataset:
     def _field(self, name: str) -> _LazyField:
         if name not in self._file:
             raise KeyError(f"{self.path} does not store {name!r}")
-        self._file[name].refresh()
         return _LazyField(self, name)
 
     @property

@@ -290,3 +290,22 @@ def test_bad_input_is_refused_and_files_untouched(adp, adp_run, water_box, tmp_p
         assert w.n_frames == 0
     with pytest.raises(ValueError, match="reportInterval"):
         AADataReporter(tmp_path / "r.h5", 0)
+
+
+def test_reads_across_chunk_boundaries_and_live_refresh(tmp_path):
+    """Regression: h5py's Dataset.refresh() twice corrupted SWMR reads past the first chunk (1024 steps)."""
+    top = app.Topology()
+    residue = top.addResidue("ARG", top.addChain())
+    top.addAtom("AR", app.Element.getBySymbol("Ar"), residue)
+    path = tmp_path / "long.h5"
+    with TrajectoryWriter(path, top, fields=("positions",)) as writer:
+        writer.append_frames(step=np.arange(1, 1501), time_ps=np.arange(1, 1501) * 0.1,
+                             positions=np.arange(1500.0)[:, None, None] * np.ones((1500, 1, 3)))
+        with AADataset(path) as live:
+            assert live.n_frames == 1500
+            writer.append(step=1501, time_ps=150.1, positions=np.zeros((1, 3)))
+            live.refresh()
+            for _ in range(3):  # repeated access must keep returning the right values
+                assert live.n_frames == 1501
+                np.testing.assert_array_equal(live.step, np.arange(1, 1502))
+                np.testing.assert_array_equal(live.positions[1020:1030, 0, 0], np.arange(1020.0, 1030.0))
