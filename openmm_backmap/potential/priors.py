@@ -1,0 +1,914 @@
+"""Physical priors of a CG potential and their fit by direct Boltzmann inversion.
+
+A force-matched CG potential is the sum of a neural network and physical *priors* (seed 004, eqs. 4-5):
+harmonic bonds and angles, Fourier dihedrals and an excluded-volume repulsion.  The priors keep the CG
+model away from configurations the training data never visit (overlapping beads, overstretched bonds);
+the network learns the remainder of the forces.
+
+Every prior is a TorchScript-compatible ``torch.nn.Module`` with the contract shared with the network::
+
+    forward(positions (B, n_beads, 3) nm, box (B, 3, 3) nm or None) -> energies (B,) kJ/mol
+    config() -> JSON-serialisable constructor arguments; ``cls(**prior.config())`` rebuilds the prior
+
+Conventions
+-----------
+* Box vectors are rows a, b, c in OpenMM's reduced triclinic form (a along x, b in the xy plane); a single
+  box ``(3, 3)`` is also accepted.  When a box is given, every interaction vector (bond, angle and dihedral
+  vectors, non-bonded pair vectors) is taken as its minimum image by OpenMM's sequential reduction
+  (subtract ``c round(dz / c_z)``, then ``b round(dy / b_y)``, then ``a round(dx / a_x)``), which is exact
+  for vectors shorter than half the smallest box width.
+* Harmonic terms are ``E = k/2 (x - x0)^2`` as in OpenMM.  Seed 004 (eq. 5) writes ``k_b (l - l0)^2``, so
+  ``k = 2 k_b``.
+* Angles are ``atan2(|u x v|, u . v)`` with ``u = r_i - r_j`` and ``v = r_k - r_j``: accurate and with
+  bounded gradients near 0 and pi, where ``acos`` of the cosine is not.
+* Dihedrals follow the IUPAC sign convention, as OpenMM and mdtraj.
+* Index lists are ``int64`` buffers and parameters ``float64`` buffers; ``forward`` computes in the dtype
+  of ``positions``, so the same module serves float32 (GPU platforms) and float64 (Reference, CPU).
+
+Fitting (:func:`fit_priors`) follows direct Boltzmann inversion (thesis seed 003, eqs. 2.33-2.34):
+``U(x) = -kT ln(p(x) / J(x))`` with the Jacobian ``J(r) = r^2`` for distances, ``J(theta) = sin(theta)``
+for angles and ``J(phi) = 1`` for dihedrals; each potential of mean force is then fitted by weighted least
+squares with the functional form of its prior.
+"""
+import copy
+import math
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .._validation import as_box_vectors, as_coordinates, strip_unit
+
+try:
+    from openmm import unit as _unit
+except ImportError:  # pragma: no cover
+    _unit = None
+
+__all__ = [
+    "BOLTZMANN_KJ_MOL_K",
+    "PRIOR_CLASSES",
+    "ExcludedVolumePrior",
+    "FourierDihedralPrior",
+    "HarmonicAnglePrior",
+    "HarmonicBondPrior",
+    "angles_from_bonds",
+    "dihedrals_from_bonds",
+    "fit_priors",
+    "nonbonded_pairs",
+    "prior_from_dict",
+    "prior_to_dict",
+]
+
+#: Boltzmann constant in kJ mol^-1 K^-1 (k_B N_A, exact in the 2019 SI).
+BOLTZMANN_KJ_MOL_K = 0.00831446261815324
+
+#: Prior terms :func:`fit_priors` can fit, in the order it returns them.
+TERMS = ("bonds", "angles", "dihedrals", "excluded_volume")
+
+#: Fraction of samples cut from each end of the histogram range of bonds and angles (outliers).
+_RANGE_TAIL = 1e-3
+#: Pair distances held in memory at once while scanning frames for the closest approaches.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+# --------------------------------------------------------------------------------------------- geometry
+def _minimum_image(delta: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Minimum images of displacements ``delta (B, M, 3)`` in a reduced triclinic ``box (B, 3, 3)``."""
+    for k in [2, 1, 0]:
+        vector = box[:, k:k + 1, :]
+        delta = delta - vector * torch.round(delta[:, :, k:k + 1] / vector[:, :, k:k + 1])
+    return delta
+
+
+def _chain_vectors(positions: torch.Tensor, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
+    """Vectors ``(B, M, w - 1, 3)`` from each bead of the chains ``atoms (M, w)`` to the next bead."""
+    n_frames = positions.shape[0]
+    chain = positions.index_select(1, atoms.reshape(-1)).reshape(n_frames, atoms.shape[0], atoms.shape[1], 3)
+    delta = chain[:, :, 1:] - chain[:, :, :-1]
+    if box is None:
+        return delta
+    cell = box.to(positions.dtype)
+    if cell.dim() == 2:
+        cell = cell.unsqueeze(0).expand(n_frames, 3, 3)
+    shape = delta.shape
+    return _minimum_image(delta.reshape(n_frames, -1, 3), cell).reshape(shape)
+
+
+def _distances(positions: torch.Tensor, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
+    """Distances ``(B, M)`` in nm between the bead pairs ``atoms (M, 2)``."""
+    return torch.linalg.vector_norm(_chain_vectors(positions, atoms, box)[:, :, 0], dim=-1)
+
+
+def _angles(positions: torch.Tensor, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
+    """Angles ``(B, M)`` in rad, in ``[0, pi]``, at the middle bead of ``atoms (M, 3)``."""
+    delta = _chain_vectors(positions, atoms, box)
+    u = -delta[:, :, 0]
+    v = delta[:, :, 1]
+    sine = torch.linalg.vector_norm(torch.linalg.cross(u, v, dim=-1), dim=-1)
+    return torch.atan2(sine, (u * v).sum(-1))
+
+
+def _dihedrals(positions: torch.Tensor, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dihedral angles ``(B, M)`` in rad, in ``[-pi, pi]``, of ``atoms (M, 4)``; IUPAC sign convention."""
+    delta = _chain_vectors(positions, atoms, box)
+    b0 = delta[:, :, 0]
+    b1 = delta[:, :, 1]
+    b2 = delta[:, :, 2]
+    n1 = torch.linalg.cross(b0, b1, dim=-1)
+    n2 = torch.linalg.cross(b1, b2, dim=-1)
+    y = (b0 * n2).sum(-1) * torch.linalg.vector_norm(b1, dim=-1)
+    return torch.atan2(y, (n1 * n2).sum(-1))
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _index_array(
+    value: Any, width: int, name: str, *, n_beads: Optional[int] = None, allow_empty: bool = False
+) -> np.ndarray:
+    """Interaction list as an ``int64`` array ``(M, width)``: non-negative, distinct beads per row, unique."""
+    try:
+        arr = np.asarray(value if value is not None else [])
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a list of [{', '.join('ijkl'[:width])}] bead indices") from exc
+    if arr.size == 0:
+        if not allow_empty:
+            raise ValueError(f"{name} is empty; give at least one interaction of {width} bead indices")
+        return np.zeros((0, width), dtype=np.int64)
+    if not (np.issubdtype(arr.dtype, np.integer) and arr.ndim == 2 and arr.shape[1] == width):
+        raise ValueError(f"{name} must be a list of [{', '.join('ijkl'[:width])}] integer bead indices; "
+                         f"got an array of shape {arr.shape} and dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.min() < 0:
+        raise ValueError(f"{name} contains a negative bead index")
+    if n_beads is not None and arr.max() >= n_beads:
+        raise ValueError(f"{name} refers to bead {arr.max()} but there are only {n_beads} beads")
+    ordered = np.sort(arr, axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+    if repeated.any():
+        raise ValueError(f"{name} entry {arr[np.argmax(repeated)].tolist()} uses a bead more than once")
+    if len(np.unique(_canonical_paths(arr), axis=0)) < len(arr):
+        raise ValueError(f"{name} lists an interaction more than once (a path and its reverse are the same)")
+    return arr
+
+
+def _canonical_paths(paths: np.ndarray) -> np.ndarray:
+    """Each path or its reverse, whichever is lexicographically smaller (rows of ``paths (M, w)``)."""
+    reverse = paths[:, ::-1]
+    diff = paths - reverse
+    first = np.argmax(diff != 0, axis=1)
+    take_reverse = diff[np.arange(len(paths)), first] > 0
+    return np.where(take_reverse[:, None], reverse, paths)
+
+
+def _float_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as a ``float64`` array, with an error naming ``name``."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric array; got {type(value).__name__}") from exc
+
+
+def _parameter_array(value: Any, shape: Tuple[int, ...], name: str, *, minimum: Optional[float] = None) -> np.ndarray:
+    """Finite ``float64`` parameters of the given shape (at least ``minimum`` if given)."""
+    arr = _float_array(value, name)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape} (one value per interaction); got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if minimum is not None and (arr < minimum).any():
+        raise ValueError(f"{name} must be >= {minimum}; got {arr.min()}")
+    return arr
+
+
+def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _type_codes(bead_types: Sequence[Any], n_beads: int) -> Tuple[np.ndarray, List[Any]]:
+    """Integer code of each bead's type (types numbered in order of first appearance) and the type list."""
+    types = list(bead_types)
+    if len(types) != n_beads:
+        raise ValueError(f"bead_types has {len(types)} entries but there are {n_beads} beads")
+    for t in types:
+        if isinstance(t, bool) or not isinstance(t, (str, int, np.integer)):
+            raise ValueError(f"bead_types entries must be strings or integers; got {t!r}")
+    names: List[Any] = []
+    index: Dict[Any, int] = {}
+    for t in types:
+        if t not in index:
+            index[t] = len(names)
+            names.append(t)
+    return np.array([index[t] for t in types], dtype=np.int64), names
+
+
+# ------------------------------------------------------------------------------------------------ priors
+class _Prior(torch.nn.Module):
+    """Base of the priors: keeps the normalised constructor arguments for :meth:`config`."""
+
+    __jit_ignored_attributes__ = ["_config"]
+
+    def __init__(self, config: Dict[str, Any]) -> None:
+        super().__init__()
+        self._config = config
+
+    def config(self) -> Dict[str, Any]:
+        """JSON-serialisable constructor arguments: ``type(self)(**self.config())`` rebuilds this prior."""
+        return copy.deepcopy(self._config)
+
+    @property
+    def num_interactions(self) -> int:
+        """Number of interactions (bonds, angles, dihedrals or bead pairs) evaluated."""
+        return int(self.atoms.shape[0])
+
+    def _register_atoms(self, atoms: np.ndarray) -> None:
+        self.register_buffer("atoms", torch.from_numpy(np.ascontiguousarray(atoms, dtype=np.int64)))
+
+    def _register_floats(self, **values: np.ndarray) -> None:
+        for name, value in values.items():
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)))
+
+
+class HarmonicBondPrior(_Prior):
+    """Harmonic bonds ``E = sum_b k_b/2 (r_b - r0_b)^2``.
+
+    This is OpenMM's convention; seed 004 (eq. 5) writes ``k_b (l - l0)^2``, i.e. half our ``k``.
+
+    Parameters
+    ----------
+    bonds
+        ``(M, 2)`` bead index pairs.
+    r0_nm
+        ``(M,)`` equilibrium lengths in nm.
+    k_kj_mol_nm2
+        ``(M,)`` force constants in kJ mol^-1 nm^-2.
+    """
+
+    def __init__(self, bonds: Any, r0_nm: Any, k_kj_mol_nm2: Any) -> None:
+        atoms = _index_array(bonds, 2, "bonds")
+        r0 = _parameter_array(r0_nm, (len(atoms),), "r0_nm", minimum=0.0)
+        k = _parameter_array(k_kj_mol_nm2, (len(atoms),), "k_kj_mol_nm2", minimum=0.0)
+        super().__init__({"bonds": atoms.tolist(), "r0_nm": r0.tolist(), "k_kj_mol_nm2": k.tolist()})
+        self._register_atoms(atoms)
+        self._register_floats(r0=r0, k=k)
+
+    def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
+        dr = _distances(positions, self.atoms, box) - self.r0.to(positions.dtype)
+        return 0.5 * (self.k.to(positions.dtype) * dr * dr).sum(-1)
+
+
+class HarmonicAnglePrior(_Prior):
+    """Harmonic angles ``E = sum_a k_a/2 (theta_a - theta0_a)^2``, ``theta = atan2(|u x v|, u . v)``.
+
+    Parameters
+    ----------
+    angles
+        ``(M, 3)`` bead index triplets ``(i, j, k)``; the angle is at ``j``.
+    theta0_rad
+        ``(M,)`` equilibrium angles in rad, in ``[0, pi]``.
+    k_kj_mol_rad2
+        ``(M,)`` force constants in kJ mol^-1 rad^-2.
+    """
+
+    def __init__(self, angles: Any, theta0_rad: Any, k_kj_mol_rad2: Any) -> None:
+        atoms = _index_array(angles, 3, "angles")
+        theta0 = _parameter_array(theta0_rad, (len(atoms),), "theta0_rad", minimum=0.0)
+        if (theta0 > math.pi).any():
+            raise ValueError(f"theta0_rad must lie in [0, pi]; got {theta0.max()}")
+        k = _parameter_array(k_kj_mol_rad2, (len(atoms),), "k_kj_mol_rad2", minimum=0.0)
+        super().__init__({"angles": atoms.tolist(), "theta0_rad": theta0.tolist(), "k_kj_mol_rad2": k.tolist()})
+        self._register_atoms(atoms)
+        self._register_floats(theta0=theta0, k=k)
+
+    def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
+        dtheta = _angles(positions, self.atoms, box) - self.theta0.to(positions.dtype)
+        return 0.5 * (self.k.to(positions.dtype) * dtheta * dtheta).sum(-1)
+
+
+class FourierDihedralPrior(_Prior):
+    """Fourier series in the dihedral angle ``E = sum_d sum_{n=1..K} a_dn cos(n phi_d) + b_dn sin(n phi_d)``.
+
+    The constant term is left out (it only shifts the energy).  ``phi`` follows the IUPAC sign convention.
+
+    Parameters
+    ----------
+    dihedrals
+        ``(M, 4)`` bead index quadruplets.
+    cos_coeffs
+        ``(M, K)`` coefficients ``a_dn`` in kJ/mol.
+    sin_coeffs
+        ``(M, K)`` coefficients ``b_dn`` in kJ/mol; zeros if not given.
+    """
+
+    def __init__(self, dihedrals: Any, cos_coeffs: Any, sin_coeffs: Any = None) -> None:
+        atoms = _index_array(dihedrals, 4, "dihedrals")
+        a = _float_array(cos_coeffs, "cos_coeffs")
+        if a.ndim != 2 or a.shape[1] < 1:
+            raise ValueError(f"cos_coeffs must have shape (n_dihedrals, K) with K >= 1; got {a.shape}")
+        a = _parameter_array(a, (len(atoms), a.shape[1]), "cos_coeffs")
+        b = _parameter_array(np.zeros_like(a) if sin_coeffs is None else sin_coeffs, a.shape, "sin_coeffs")
+        super().__init__({"dihedrals": atoms.tolist(), "cos_coeffs": a.tolist(), "sin_coeffs": b.tolist()})
+        self._register_atoms(atoms)
+        self._register_floats(cos_coeffs=a, sin_coeffs=b, multiples=np.arange(1, a.shape[1] + 1))
+
+    def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
+        dtype = positions.dtype
+        n_phi = _dihedrals(positions, self.atoms, box).unsqueeze(-1) * self.multiples.to(dtype)
+        terms = self.cos_coeffs.to(dtype) * torch.cos(n_phi) + self.sin_coeffs.to(dtype) * torch.sin(n_phi)
+        return terms.sum(dim=[1, 2])
+
+
+class ExcludedVolumePrior(_Prior):
+    """Excluded-volume repulsion ``E = sum_(i,j) (sigma_ij / r_ij)^n`` (seed 004, eq. 4), in kJ/mol.
+
+    As in seed 004 the energy scale is fixed (1 kJ/mol): ``sigma`` sets both the range and the strength.
+
+    With a cutoff ``rc`` the energy is shifted to vanish there: ``E = sum_(r_ij < rc) (sigma_ij/r_ij)^n -
+    (sigma_ij/rc)^n``.  The energy is continuous at ``rc``; the force jumps by ``n sigma^n / rc^(n+1)``,
+    which is negligible for ``rc`` of a few ``sigma``.  Pairs with ``sigma = 0`` are left out.
+
+    The pairs are given either explicitly (``pairs``) or by the exclusion rule of :func:`nonbonded_pairs`
+    (``n_beads``, ``bonds``, ``exclusion_bonds``).  Every listed pair is evaluated at every call (no
+    neighbour list), so the cost grows with ``n_beads^2`` for the rule form.
+
+    Parameters
+    ----------
+    pairs
+        ``(P, 2)`` bead index pairs; or ``None`` to use the exclusion rule.
+    sigma_nm
+        In nm: one value for all pairs; ``(P,)`` values, one per pair (in the order of ``pairs`` or of
+        :func:`nonbonded_pairs`); or, with ``bead_types``, a symmetric ``(T, T)`` matrix per bead-type pair.
+    exponent
+        Exponent ``n`` (a positive integer).
+    cutoff_nm
+        Cutoff in nm, or ``None`` for no cutoff.
+    n_beads, bonds, exclusion_bonds
+        The exclusion rule: all pairs of ``n_beads`` beads except those within ``exclusion_bonds`` bonds
+        of each other along ``bonds`` (default 2: 1-2 and 1-3 neighbours excluded).
+    bead_types
+        ``(n_beads,)`` type names (strings or integers); types are numbered in order of first appearance,
+        which is the order of the rows and columns of ``sigma_nm``.
+    """
+
+    def __init__(
+        self,
+        pairs: Any = None,
+        *,
+        sigma_nm: Any,
+        exponent: int = 12,
+        cutoff_nm: Optional[float] = None,
+        n_beads: Optional[int] = None,
+        bonds: Any = None,
+        exclusion_bonds: int = 2,
+        bead_types: Optional[Sequence[Any]] = None,
+    ) -> None:
+        if (pairs is None) == (n_beads is None):
+            raise ValueError("give either pairs or the exclusion rule (n_beads, bonds, exclusion_bonds)")
+        if pairs is not None:
+            if bonds is not None:
+                raise ValueError("bonds belongs to the exclusion rule; give it with n_beads instead of pairs")
+            atoms = _index_array(pairs, 2, "pairs")
+            config: Dict[str, Any] = {"pairs": atoms.tolist()}
+            n_needed = int(atoms.max()) + 1
+        else:
+            n_beads = _positive_int(n_beads, "n_beads")
+            bond_list = _index_array(bonds, 2, "bonds", n_beads=n_beads, allow_empty=True)
+            exclusion_bonds = _positive_int(exclusion_bonds, "exclusion_bonds", minimum=0)
+            atoms = nonbonded_pairs(n_beads, bond_list, exclusion_bonds)
+            if len(atoms) == 0:
+                raise ValueError(f"no bead pair is more than {exclusion_bonds} bonds apart")
+            config = {"n_beads": n_beads, "bonds": bond_list.tolist(), "exclusion_bonds": exclusion_bonds}
+            n_needed = n_beads
+        exponent = _positive_int(exponent, "exponent")
+        if cutoff_nm is not None:
+            cutoff_nm = float(cutoff_nm)
+            if not (math.isfinite(cutoff_nm) and cutoff_nm > 0):
+                raise ValueError(f"cutoff_nm must be positive and finite, or None; got {cutoff_nm}")
+
+        if bead_types is not None:
+            codes, names = _type_codes(bead_types, len(bead_types))
+            if len(codes) < n_needed or (pairs is None and len(codes) != n_beads):
+                raise ValueError(f"bead_types has {len(codes)} entries for {n_needed} beads")
+            matrix = _parameter_array(sigma_nm, (len(names), len(names)), "sigma_nm (per bead-type pair)",
+                                      minimum=0.0)
+            if not np.array_equal(matrix, matrix.T):
+                raise ValueError("sigma_nm per bead-type pair must be a symmetric matrix")
+            sigma = matrix[codes[atoms[:, 0]], codes[atoms[:, 1]]]
+            type_list = [t if isinstance(t, str) else int(t) for t in bead_types]
+            config.update(sigma_nm=matrix.tolist(), bead_types=type_list)
+        elif np.ndim(sigma_nm) == 0:
+            sigma = np.full(len(atoms), float(_parameter_array(sigma_nm, (), "sigma_nm", minimum=0.0)))
+            config.update(sigma_nm=float(sigma_nm))
+        else:
+            sigma = _parameter_array(sigma_nm, (len(atoms),), "sigma_nm (per pair)", minimum=0.0)
+            config.update(sigma_nm=sigma.tolist())
+        config.update(exponent=exponent, cutoff_nm=cutoff_nm)
+        keep = sigma > 0
+        if not keep.any():
+            raise ValueError("every sigma_nm is zero: the prior would be empty")
+
+        super().__init__(config)
+        self.exponent = exponent
+        cutoff = math.inf if cutoff_nm is None else cutoff_nm
+        self.cutoff_squared = cutoff * cutoff
+        self._register_atoms(atoms[keep])
+        self._register_floats(sigma_squared=sigma[keep] ** 2, shift=(sigma[keep] / cutoff) ** exponent)
+
+    def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
+        delta = _chain_vectors(positions, self.atoms, box)[:, :, 0]
+        r2 = (delta * delta).sum(-1)
+        energy = torch.pow(self.sigma_squared.to(positions.dtype) / r2, 0.5 * self.exponent)
+        energy = torch.where(r2 < self.cutoff_squared, energy - self.shift.to(positions.dtype),
+                             torch.zeros_like(energy))
+        return energy.sum(-1)
+
+
+#: Prior classes by name, for :func:`prior_from_dict`.
+PRIOR_CLASSES: Dict[str, type] = {
+    cls.__name__: cls
+    for cls in (HarmonicBondPrior, HarmonicAnglePrior, FourierDihedralPrior, ExcludedVolumePrior)
+}
+
+
+def prior_to_dict(prior: torch.nn.Module) -> Dict[str, Any]:
+    """``{"class": name, "config": prior.config()}``, a JSON-serialisable description of a prior."""
+    name = type(prior).__name__
+    if name not in PRIOR_CLASSES:
+        raise ValueError(f"{name} is not a prior class of this module ({', '.join(PRIOR_CLASSES)})")
+    return {"class": name, "config": prior.config()}
+
+
+def prior_from_dict(spec: Dict[str, Any]) -> torch.nn.Module:
+    """Rebuild a prior from the output of :func:`prior_to_dict`."""
+    try:
+        cls = PRIOR_CLASSES[spec["class"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a prior description (want 'class' in {list(PRIOR_CLASSES)}): {spec!r}") from exc
+    return cls(**spec["config"])
+
+
+# -------------------------------------------------------------------------------------------- topology
+def _neighbours(bonds: np.ndarray) -> Dict[int, List[int]]:
+    adjacency: Dict[int, List[int]] = {}
+    for i, j in bonds.tolist():
+        adjacency.setdefault(i, []).append(j)
+        adjacency.setdefault(j, []).append(i)
+    return {i: sorted(n) for i, n in adjacency.items()}
+
+
+def angles_from_bonds(bonds: Any) -> np.ndarray:
+    """All bead triplets ``(i, j, k)`` with bonds i-j and j-k, each once (``i < k``), sorted.
+
+    Parameters
+    ----------
+    bonds
+        ``(M, 2)`` bead index pairs (each bond once, in either order).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_angles, 3)`` ``int64``.
+    """
+    angles = [
+        (i, j, k)
+        for j, neighbours in _neighbours(_index_array(bonds, 2, "bonds", allow_empty=True)).items()
+        for a, i in enumerate(neighbours)
+        for k in neighbours[a + 1:]
+    ]
+    return np.array(sorted(angles), dtype=np.int64).reshape(-1, 3)
+
+
+def dihedrals_from_bonds(bonds: Any) -> np.ndarray:
+    """All paths ``(i, j, k, l)`` of four distinct beads along bonds, each once (``j < k``), sorted.
+
+    Parameters
+    ----------
+    bonds
+        ``(M, 2)`` bead index pairs (each bond once, in either order).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_dihedrals, 4)`` ``int64``.
+    """
+    bond_array = _index_array(bonds, 2, "bonds", allow_empty=True)
+    neighbours = _neighbours(bond_array)
+    dihedrals = [
+        (i, j, k, l)
+        for j, k in np.sort(bond_array, axis=1).tolist()
+        for i in neighbours[j]
+        for l in neighbours[k]
+        if len({i, j, k, l}) == 4
+    ]
+    return np.array(sorted(dihedrals), dtype=np.int64).reshape(-1, 4)
+
+
+def nonbonded_pairs(n_beads: int, bonds: Any, exclusion_bonds: int = 2) -> np.ndarray:
+    """Bead pairs ``(i, j)``, ``i < j``, more than ``exclusion_bonds`` bonds apart (or not connected).
+
+    ``exclusion_bonds = 0`` keeps every pair, 1 excludes bonded (1-2) pairs, 2 (default) also 1-3 pairs,
+    3 also 1-4 pairs.
+
+    Parameters
+    ----------
+    n_beads
+        Number of beads.
+    bonds
+        ``(M, 2)`` bead index pairs.
+    exclusion_bonds
+        Pairs joined by a path of at most this many bonds are excluded.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(P, 2)`` ``int64``, sorted.
+    """
+    n_beads = _positive_int(n_beads, "n_beads")
+    exclusion_bonds = _positive_int(exclusion_bonds, "exclusion_bonds", minimum=0)
+    bond_array = _index_array(bonds, 2, "bonds", n_beads=n_beads, allow_empty=True)
+    step = sp.coo_matrix((np.ones(len(bond_array)), (bond_array[:, 0], bond_array[:, 1])), shape=(n_beads,) * 2)
+    step = ((step + step.T + sp.identity(n_beads)) > 0).astype(np.float64).tocsr()
+    reach = sp.identity(n_beads, format="csr")
+    for _ in range(exclusion_bonds):
+        reach = ((reach @ step) > 0).astype(np.float64)
+    excluded = sp.triu(reach, k=1).tocoo()
+    i, j = np.triu_indices(n_beads, k=1)
+    keep = ~np.isin(i * n_beads + j, excluded.row.astype(np.int64) * n_beads + excluded.col)
+    return np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ Boltzmann fit
+def fit_priors(
+    positions: Any,
+    bonds: Any,
+    temperature_K: Any,
+    *,
+    box: Any = None,
+    bead_types: Optional[Sequence[Any]] = None,
+    terms: Optional[Sequence[str]] = None,
+    n_fourier: int = 3,
+    exclusion_bonds: int = 2,
+    exponent: int = 12,
+    cutoff_nm: Optional[float] = None,
+    n_bins: Optional[int] = None,
+    dihedral_bins: Optional[int] = None,
+    pseudo_count: float = 1.0,
+    sigma_quantile: float = 1e-3,
+    sigma_energy_kT: float = 1.0,
+) -> List[torch.nn.Module]:
+    """Fit the priors of a CG model to mapped CG frames by direct Boltzmann inversion.
+
+    Each interaction's potential of mean force ``w(x) = -kT ln(p(x) / J(x))`` is estimated from a
+    histogram and fitted with the prior's functional form:
+
+    * **bonds**: ``J(r) = r^2``; ``w`` over the central 99.8 % of the observed lengths is fitted by a
+      parabola ``k/2 (r - r0)^2 + c``, least squares weighted by the bin counts (the inverse variance of
+      ``ln`` count) over populated bins.
+    * **angles**: ``J(theta) = sin(theta)``, same fit; ``theta0`` is kept in ``[0, pi]`` (if the vertex
+      falls outside, ``theta0`` is clipped and ``k`` refitted).
+    * For bonds and angles alike: if the fitted parabola is not convex or its minimum lies more than 10 %
+      of the histogram range outside it (multimodal or flat distributions), the harmonic term is taken
+      from the mean and variance of the Jacobian-corrected histogram (``k = kT / variance``) and a
+      ``RuntimeWarning`` is issued.
+    * **dihedrals**: ``J = 1``; ``w`` on equal bins over ``[-pi, pi)`` with ``pseudo_count`` added to
+      every bin (so empty bins get a finite, high free energy) is fitted by ``c + sum_{n<=K} a_n cos(n phi)
+      + b_n sin(n phi)``, least squares weighted by the (pseudo-)counts: sparse bins, whose ``ln`` count is
+      noisy, pull little.
+    * **excluded volume**: for the pairs of :func:`nonbonded_pairs`, ``d_q`` is the ``sigma_quantile``
+      quantile (the ``ceil(q N)``-th smallest of the ``N`` observed distances) of a pair type, and
+      ``sigma`` is chosen so that the prior energy of one pair at ``d_q`` is ``sigma_energy_kT`` kT:
+      ``sigma = d_q (eps kT)^(1/n)`` without cutoff, ``sigma = (eps kT / (d_q^-n - rc^-n))^(1/n)`` with the
+      shifted cutoff.  The prior is then about kT at the closest approaches seen in the data, negligible at
+      typical distances (``(d_q/r)^n`` kT) and steep below them.  Pair types whose ``d_q`` is beyond the
+      cutoff get no prior (warning).
+
+    Without ``bead_types`` every interaction (bond, angle, dihedral, bead pair) is fitted on its own; with
+    ``bead_types``, interactions whose bead types agree (in either direction along the path) share one fit
+    over their pooled samples.  Pass bead types for liquids.
+
+    Parameters
+    ----------
+    positions
+        ``(F, n_beads, 3)`` mapped CG frames in nm (array or OpenMM Quantity), molecules whole.
+    bonds
+        ``(M, 2)`` CG bonds; angles and dihedrals are derived from them (:func:`angles_from_bonds`,
+        :func:`dihedrals_from_bonds`).  May be empty (then only the excluded volume applies).
+    temperature_K
+        Temperature in K (or an OpenMM Quantity).
+    box
+        Box vectors in nm, ``(F, 3, 3)`` or one ``(3, 3)`` box for all frames, rows a, b, c; ``None`` for no
+        periodic boundaries.
+    bead_types
+        ``(n_beads,)`` type names (strings or integers) for pooling, or ``None``.
+    terms
+        Subset of ``("bonds", "angles", "dihedrals", "excluded_volume")``; ``None`` fits every term that
+        has interactions.  A term named here that has no interactions is an error.
+    n_fourier
+        Number ``K`` of Fourier harmonics per dihedral.
+    exclusion_bonds, exponent, cutoff_nm
+        Pairs and form of the excluded volume (:class:`ExcludedVolumePrior`).
+    n_bins
+        Histogram bins for bonds and angles; ``None`` for the Rice rule ``ceil(2 N^(1/3))`` over the ``N``
+        samples of a fit, clipped to [10, 100] (too many bins for the samples bias ``k`` low).
+    dihedral_bins
+        Histogram bins for dihedrals over ``[-pi, pi)``; ``None`` for the Rice rule clipped to
+        [max(24, 4 K), 72].
+    pseudo_count
+        Count added to every dihedral bin.
+    sigma_quantile
+        Quantile ``q`` of the pair distances that defines the closest approach ``d_q``.
+    sigma_energy_kT
+        Prior energy per pair at ``d_q``, in units of kT.
+
+    Returns
+    -------
+    list of torch.nn.Module
+        The fitted priors in the order bonds, angles, dihedrals, excluded volume (those fitted); their sum
+        is the priors-only CG model.
+    """
+    xyz = as_coordinates(positions, name="positions")
+    if xyz.ndim != 3 or len(xyz) < 2:
+        raise ValueError(f"positions must have shape (n_frames >= 2, n_beads, 3); got {xyz.shape}")
+    n_frames, n_beads = xyz.shape[:2]
+    boxes = _frame_boxes(box, n_frames)
+    kT = BOLTZMANN_KJ_MOL_K * _temperature(temperature_K)
+    bond_list = _index_array(bonds, 2, "bonds", n_beads=n_beads, allow_empty=True)
+    codes = None if bead_types is None else _type_codes(bead_types, n_beads)[0]
+    type_list = None if bead_types is None else list(bead_types)
+    n_fourier = _positive_int(n_fourier, "n_fourier")
+    if n_bins is not None:
+        n_bins = _positive_int(n_bins, "n_bins", minimum=3)
+    if dihedral_bins is not None:
+        dihedral_bins = _positive_int(dihedral_bins, "dihedral_bins", minimum=2 * n_fourier + 2)
+    if not (math.isfinite(pseudo_count) and pseudo_count > 0):
+        raise ValueError(f"pseudo_count must be positive; got {pseudo_count}")
+    if not 0 < sigma_quantile < 1:
+        raise ValueError(f"sigma_quantile must lie in (0, 1); got {sigma_quantile}")
+    if not (math.isfinite(sigma_energy_kT) and sigma_energy_kT > 0):
+        raise ValueError(f"sigma_energy_kT must be positive; got {sigma_energy_kT}")
+
+    interactions = {
+        "bonds": bond_list,
+        "angles": angles_from_bonds(bond_list),
+        "dihedrals": dihedrals_from_bonds(bond_list),
+        "excluded_volume": nonbonded_pairs(n_beads, bond_list, exclusion_bonds),
+    }
+    if terms is None:
+        selected = [t for t in TERMS if len(interactions[t])]
+    else:
+        terms = [terms] if isinstance(terms, str) else list(terms)
+        unknown = set(terms) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown terms {sorted(unknown)}; choose from {TERMS}")
+        empty = [t for t in terms if not len(interactions[t])]
+        if empty:
+            raise ValueError(f"no interactions for terms {empty} (bonds given: {len(bond_list)})")
+        selected = [t for t in TERMS if t in terms]
+
+    pos = torch.from_numpy(xyz if xyz.flags.writeable else xyz.copy())
+    box_t = None if boxes is None else torch.from_numpy(boxes)
+    priors: List[torch.nn.Module] = []
+    for term in selected:
+        atoms = interactions[term]
+        if term == "excluded_volume":
+            priors.append(_fit_excluded_volume(
+                pos, box_t, n_beads, bond_list, atoms, codes, type_list, kT, exclusion_bonds=exclusion_bonds,
+                exponent=_positive_int(exponent, "exponent"), cutoff_nm=cutoff_nm, quantile=sigma_quantile,
+                energy_kT=sigma_energy_kT,
+            ))
+            continue
+        groups = _groups(atoms, codes)
+        with torch.no_grad():
+            values = {"bonds": _distances, "angles": _angles, "dihedrals": _dihedrals}[term](
+                pos, torch.from_numpy(atoms), box_t).numpy()
+        if term == "dihedrals":
+            a = np.zeros((len(atoms), n_fourier))
+            b = np.zeros((len(atoms), n_fourier))
+            for members in groups:
+                samples = values[:, members].ravel()
+                bins = dihedral_bins or _rice_bins(len(samples), max(24, 4 * n_fourier), 72)
+                a[members], b[members] = _fit_fourier(samples, kT, n_fourier, bins, pseudo_count,
+                                                      f"dihedral {atoms[members[0]].tolist()}")
+            priors.append(FourierDihedralPrior(atoms, a, b))
+            continue
+        x0 = np.zeros(len(atoms))
+        k = np.zeros(len(atoms))
+        for members in groups:
+            samples = values[:, members].ravel()
+            bins = n_bins or _rice_bins(len(samples), 10, 100)
+            what = f"{term[:-1]} {atoms[members[0]].tolist()}"
+            if term == "bonds":
+                x0[members], k[members] = _fit_harmonic(samples, kT, _mean_r2, (0.0, math.inf), bins, what)
+            else:
+                x0[members], k[members] = _fit_harmonic(samples, kT, _mean_sin, (0.0, math.pi), bins, what)
+        priors.append(HarmonicBondPrior(atoms, x0, k) if term == "bonds" else HarmonicAnglePrior(atoms, x0, k))
+    return priors
+
+
+def _temperature(value: Any) -> float:
+    if _unit is not None:
+        value = strip_unit(value, _unit.kelvin)
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"temperature_K must be a number in K; got {value!r}") from exc
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature_K must be positive and finite; got {temperature}")
+    return temperature
+
+
+def _frame_boxes(box: Any, n_frames: int) -> Optional[np.ndarray]:
+    """Box vectors ``(F, 3, 3)`` in nm, or ``None``."""
+    if box is None:
+        return None
+    boxes = as_box_vectors(box, name="box")
+    if boxes.ndim == 2:
+        boxes = np.broadcast_to(boxes, (n_frames, 3, 3))
+    if len(boxes) != n_frames:
+        raise ValueError(f"box has {len(boxes)} frames but positions have {n_frames}")
+    if not (np.diagonal(boxes, axis1=1, axis2=2) > 0).all():
+        raise ValueError("box vectors must be in reduced form with positive diagonal (a_x, b_y, c_z > 0)")
+    return np.ascontiguousarray(boxes)
+
+
+def _groups(atoms: np.ndarray, codes: Optional[np.ndarray]) -> List[np.ndarray]:
+    """Interaction indices fitted together: each alone, or those with the same types along the path."""
+    if codes is None:
+        return [np.array([m]) for m in range(len(atoms))]
+    keys = _canonical_paths(codes[atoms])
+    _, labels = np.unique(keys, axis=0, return_inverse=True)
+    labels = labels.ravel()
+    return [np.flatnonzero(labels == g) for g in range(labels.max() + 1)]
+
+
+def _rice_bins(n_samples: int, lowest: int, highest: int) -> int:
+    """Histogram bins by the Rice rule ``ceil(2 n^(1/3))``, clipped to ``[lowest, highest]``."""
+    return int(np.clip(math.ceil(2.0 * n_samples ** (1.0 / 3.0)), lowest, highest))
+
+
+def _mean_r2(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Mean of the distance Jacobian ``r^2`` over bins ``[lo, hi]``."""
+    return (hi ** 3 - lo ** 3) / (3.0 * (hi - lo))
+
+
+def _mean_sin(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Mean of the angle Jacobian ``sin(theta)`` over bins ``[lo, hi]``."""
+    return (np.cos(lo) - np.cos(hi)) / (hi - lo)
+
+
+def _fit_harmonic(
+    values: np.ndarray,
+    kT: float,
+    jacobian: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    bounds: Tuple[float, float],
+    n_bins: int,
+    what: str,
+) -> Tuple[float, float]:
+    """``(x0, k)`` of ``k/2 (x - x0)^2`` fitted to ``-kT ln(p(x) / J(x))`` of the samples ``values``."""
+    lo, hi = np.quantile(values, [_RANGE_TAIL, 1.0 - _RANGE_TAIL])
+    if not hi - lo > 1e-9 * max(1.0, abs(hi)):
+        raise ValueError(f"{what}: the observed values do not vary; cannot fit a force constant")
+    counts, edges = np.histogram(values, bins=n_bins, range=(lo, hi))
+    jac = jacobian(edges[:-1], edges[1:])
+    populated = (counts > 0) & (jac > 0)
+    if populated.sum() < 3:
+        raise ValueError(f"{what}: fewer than 3 populated histogram bins; give more frames")
+    x = 0.5 * (edges[:-1] + edges[1:])[populated]
+    density = counts[populated] / jac[populated]
+    pmf = -kT * np.log(density)
+    weights = counts[populated].astype(np.float64)
+    center = np.average(x, weights=weights)
+    curvature, slope, _ = np.polyfit(x - center, pmf, 2, w=np.sqrt(weights))
+    margin = 0.1 * (hi - lo)
+    if curvature > 0:
+        vertex = center - slope / (2.0 * curvature)
+        x0 = float(np.clip(vertex, *bounds))
+        if x0 == vertex and lo - margin <= x0 <= hi + margin:
+            return x0, float(2.0 * curvature)
+        if lo - margin <= x0 <= hi + margin:  # minimum beyond a bound (theta0 > pi): refit k at the bound
+            design = np.stack([np.ones_like(x), 0.5 * (x - x0) ** 2], axis=1) * np.sqrt(weights)[:, None]
+            k = np.linalg.lstsq(design, pmf * np.sqrt(weights), rcond=None)[0][1]
+            if k > 0:
+                return x0, float(k)
+    warnings.warn(f"{what}: the potential of mean force is not harmonic (not convex, or its minimum lies "
+                  "outside the sampled range); harmonic term from the mean and variance of the "
+                  "Jacobian-corrected distribution", RuntimeWarning, stacklevel=3)
+    mean = np.average(x, weights=density)
+    variance = np.average((x - mean) ** 2, weights=density)
+    return float(np.clip(mean, *bounds)), float(kT / variance)
+
+
+def _fit_fourier(
+    values: np.ndarray, kT: float, n_terms: int, n_bins: int, pseudo_count: float, what: str
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` of ``sum_n a_n cos(n phi) + b_n sin(n phi)`` fitted to ``-kT ln p(phi)`` of ``values``."""
+    counts, edges = np.histogram(values, bins=n_bins, range=(-math.pi, math.pi))
+    if counts.sum() == 0:
+        raise ValueError(f"{what}: no finite dihedral angles observed")
+    smoothed = counts + pseudo_count
+    pmf = -kT * np.log(smoothed / smoothed.sum())
+    phi = 0.5 * (edges[:-1] + edges[1:])
+    n_phi = np.outer(phi, np.arange(1, n_terms + 1))
+    design = np.concatenate([np.ones((n_bins, 1)), np.cos(n_phi), np.sin(n_phi)], axis=1)
+    sqrt_w = np.sqrt(smoothed)
+    coeffs = np.linalg.lstsq(design * sqrt_w[:, None], pmf * sqrt_w, rcond=None)[0]
+    return coeffs[1:n_terms + 1], coeffs[n_terms + 1:]
+
+
+def _fit_excluded_volume(
+    positions: torch.Tensor,
+    box: Optional[torch.Tensor],
+    n_beads: int,
+    bonds: np.ndarray,
+    pairs: np.ndarray,
+    codes: Optional[np.ndarray],
+    bead_types: Optional[List[Any]],
+    kT: float,
+    *,
+    exclusion_bonds: int,
+    exponent: int,
+    cutoff_nm: Optional[float],
+    quantile: float,
+    energy_kT: float,
+) -> ExcludedVolumePrior:
+    """:class:`ExcludedVolumePrior` with ``sigma`` per pair type from the closest approaches (see
+    :func:`fit_priors`); ``codes`` are the type numbers of ``bead_types`` (order of first appearance)."""
+    if cutoff_nm is not None and not (math.isfinite(cutoff_nm) and cutoff_nm > 0):
+        raise ValueError(f"cutoff_nm must be positive and finite, or None; got {cutoff_nm}")
+    if codes is None:
+        labels = np.arange(len(pairs))
+        type_pairs = pairs
+    else:
+        type_pairs, labels = np.unique(np.sort(codes[pairs], axis=1), axis=0, return_inverse=True)
+        labels = labels.ravel()
+    closest = _closest_approach(positions, box, pairs, labels, len(type_pairs), quantile)
+    energy = energy_kT * kT
+    if cutoff_nm is None:
+        sigma = closest * energy ** (1.0 / exponent)
+    else:
+        reach = closest < cutoff_nm
+        sigma = np.zeros(len(closest))
+        sigma[reach] = (energy / (closest[reach] ** -exponent - cutoff_nm ** -exponent)) ** (1.0 / exponent)
+        if not reach.all():
+            if not reach.any():
+                raise ValueError(f"cutoff_nm = {cutoff_nm} is shorter than the closest approach of every pair "
+                                 "type; no excluded-volume prior can act within it")
+            kind = "pairs" if codes is None else "bead-type pairs (type numbers in order of appearance)"
+            warnings.warn(f"no excluded-volume prior for {kind} {type_pairs[~reach].tolist()}: their "
+                          f"closest approach exceeds cutoff_nm = {cutoff_nm}", RuntimeWarning, stacklevel=3)
+    rule = {"n_beads": n_beads, "bonds": bonds, "exclusion_bonds": exclusion_bonds, "exponent": exponent,
+            "cutoff_nm": cutoff_nm}
+    if codes is None:
+        return ExcludedVolumePrior(sigma_nm=sigma, **rule)
+    n_types = int(codes.max()) + 1
+    matrix = np.zeros((n_types, n_types))
+    matrix[type_pairs[:, 0], type_pairs[:, 1]] = sigma
+    matrix[type_pairs[:, 1], type_pairs[:, 0]] = sigma
+    return ExcludedVolumePrior(sigma_nm=matrix, bead_types=bead_types, **rule)
+
+
+def _closest_approach(
+    positions: torch.Tensor,
+    box: Optional[torch.Tensor],
+    pairs: np.ndarray,
+    labels: np.ndarray,
+    n_groups: int,
+    quantile: float,
+) -> np.ndarray:
+    """Per group of pairs, the ``ceil(q N)``-th smallest of its ``N`` distances over all frames (nm).
+
+    Frames are scanned in chunks, keeping only the smallest distances of each group.
+    """
+    n_frames = positions.shape[0]
+    sizes = np.bincount(labels, minlength=n_groups) * n_frames
+    keep = np.maximum(1, np.ceil(quantile * sizes)).astype(np.int64)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_groups))])
+    atoms = torch.from_numpy(pairs[order])
+    chunk = max(1, _CHUNK_ELEMENTS // len(pairs))
+    kept = [np.zeros(0) for _ in range(n_groups)]
+    per_pair = n_groups == len(pairs)  # one pair per group: keep an array (keep, P) instead
+    smallest = np.zeros((0, len(pairs)))
+    for start in range(0, n_frames, chunk):
+        with torch.no_grad():
+            frame_box = None if box is None else box[start:start + chunk]
+            d = _distances(positions[start:start + chunk], atoms, frame_box).numpy()
+        if per_pair:
+            smallest = np.concatenate([smallest, d])
+            if len(smallest) > keep[0]:
+                smallest = np.partition(smallest, keep[0] - 1, axis=0)[:keep[0]]
+            continue
+        for g in range(n_groups):
+            values = np.concatenate([kept[g], d[:, bounds[g]:bounds[g + 1]].ravel()])
+            kept[g] = values if len(values) <= keep[g] else np.partition(values, keep[g] - 1)[:keep[g]]
+    if per_pair:
+        result = np.empty(n_groups)
+        result[labels[order]] = smallest.max(axis=0)
+        return result
+    return np.array([k.max() for k in kept])
