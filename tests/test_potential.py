@@ -175,3 +175,18 @@ def test_trainer_refuses_bad_data(ala2_cg, tmp_path):
         f["forces"][7, 2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN/inf forces"):
         ForceMatchingTrainer(mapping, broken, network=None, progress=False).fit()
+
+
+@pytest.mark.parametrize("backend", ["torch", "python"])
+def test_independent_copies_in_one_system(ala2_cg, trained, backend):
+    mapping, cg = ala2_cg
+    potential = trained[0]
+    x, _ = _positions(cg, [3, 300, 600])
+    system = create_cg_system(mapping, potential, backend=backend, n_copies=3)
+    assert system.getNumParticles() == 18
+    ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(x.reshape(-1, 3))
+    state = ctx.getState(getEnergy=True, getForces=True)
+    e_model, f_model = potential.energy_and_forces(torch.tensor(x))
+    assert state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole) == pytest.approx(float(e_model.sum()), rel=1e-6)
+    np.testing.assert_allclose(state.getForces(asNumpy=True)._value, f_model.reshape(-1, 3).numpy(), rtol=1e-5, atol=1e-4)

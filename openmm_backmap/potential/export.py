@@ -24,16 +24,22 @@ BACKENDS = ("torch", "python")
 
 
 class _TorchForceModule(torch.nn.Module):
-    """openmmtorch calling convention, non-periodic: ``forward(positions (n, 3) nm) -> energy``."""
+    """openmmtorch calling convention, non-periodic: ``forward(positions (n_copies * n, 3) nm) -> energy``.
 
-    def __init__(self, potential: CGPotential) -> None:
+    ``n_copies`` non-interacting copies of the molecule are evaluated as one batch (independent replicas
+    in one System cost about one model call per step).
+    """
+
+    def __init__(self, potential: CGPotential, n_copies: int = 1) -> None:
         super().__init__()
         self.potential = potential
+        self.n_copies = int(n_copies)
+        self.n_beads = potential.n_beads
         self.register_buffer("_probe", torch.zeros((), dtype=potential.energy_offset.dtype))
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        x = positions.to(self._probe.dtype).unsqueeze(0)
-        return self.potential(x, None)[0].to(positions.dtype)
+        x = positions.to(self._probe.dtype).reshape(self.n_copies, self.n_beads, 3)
+        return self.potential(x, None).sum().to(positions.dtype)
 
 
 class _PeriodicTorchForceModule(torch.nn.Module):
@@ -52,9 +58,10 @@ class _PeriodicTorchForceModule(torch.nn.Module):
 class PotentialComputation:
     """The callable behind the ``"python"`` backend: State -> (energy kJ/mol, forces kJ/mol/nm)."""
 
-    def __init__(self, potential: CGPotential) -> None:
+    def __init__(self, potential: CGPotential, n_copies: int = 1) -> None:
         self.potential = potential.eval()
         self.dtype = potential.energy_offset.dtype
+        self.n_copies = int(n_copies)
 
     def __call__(self, state: openmm.State):
         pos = torch.as_tensor(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=self.dtype)
@@ -62,11 +69,12 @@ class PotentialComputation:
         if self.potential.periodic:
             vectors = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
             box = torch.as_tensor(vectors, dtype=self.dtype)[None]
-        energy, forces = self.potential.energy_and_forces(pos[None], box)
-        return float(energy[0]), forces[0].numpy().astype(np.float64)
+        energy, forces = self.potential.energy_and_forces(pos.reshape(self.n_copies, -1, 3), box)
+        return float(energy.sum()), forces.reshape(-1, 3).numpy().astype(np.float64)
 
 
-def create_force(potential: CGPotential, backend: str = "torch", *, force_group: int = 0) -> openmm.Force:
+def create_force(potential: CGPotential, backend: str = "torch", *, force_group: int = 0,
+                 n_copies: int = 1) -> openmm.Force:
     """The potential as an OpenMM force acting on the CG particles (nm in, kJ/mol out).
 
     Parameters
@@ -78,15 +86,20 @@ def create_force(potential: CGPotential, backend: str = "torch", *, force_group:
         ``"torch"`` (openmmtorch.TorchForce, TorchScript) or ``"python"`` (openmm.PythonForce).
     force_group
         OpenMM force group of the returned force.
+    n_copies
+        Number of non-interacting copies of the CG molecule the force acts on (particles ordered copy by
+        copy): independent replicas in one System, evaluated as one batch.  Non-periodic potentials only.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if int(n_copies) < 1 or (n_copies > 1 and potential.periodic):
+        raise ValueError(f"n_copies must be >= 1, and 1 for periodic potentials; got {n_copies}")
     potential = potential.eval()
     if backend == "torch":
         from .._openmmtorch import import_openmmtorch
 
         openmmtorch = import_openmmtorch()
-        wrapper = _PeriodicTorchForceModule(potential) if potential.periodic else _TorchForceModule(potential)
+        wrapper = _PeriodicTorchForceModule(potential) if potential.periodic else _TorchForceModule(potential, n_copies)
         try:
             module = torch.jit.script(wrapper)
         except Exception as exc:
@@ -95,7 +108,7 @@ def create_force(potential: CGPotential, backend: str = "torch", *, force_group:
         force = openmmtorch.TorchForce(module)
         force.setUsesPeriodicBoundaryConditions(potential.periodic)
     else:
-        force = openmm.PythonForce(PotentialComputation(potential))
+        force = openmm.PythonForce(PotentialComputation(potential, n_copies))
         force.setUsesPeriodicBoundaryConditions(potential.periodic)
     force.setForceGroup(force_group)
     return force
@@ -108,6 +121,7 @@ def create_cg_system(
     backend: str = "torch",
     box_vectors_nm: Optional[Sequence[Sequence[float]]] = None,
     remove_cm_motion: bool = True,
+    n_copies: int = 1,
 ) -> openmm.System:
     """The CG ``openmm.System``: one particle per bead (bead masses in amu), the potential as its force.
 
@@ -123,11 +137,15 @@ def create_cg_system(
         Box vectors (3, 3) in nm for periodic potentials; default: the AA topology's box.
     remove_cm_motion
         Add a ``CMMotionRemover``.
+    n_copies
+        Independent, non-interacting replicas of the CG molecule in one System (particles copy by copy),
+        e.g. to run many short replicas at the cost of one (non-periodic potentials only).
     """
     potential.check_mapping(mapping)
     system = openmm.System()
-    for mass in mapping.bead_masses:
-        system.addParticle(float(mass) * unit.amu)
+    for _ in range(int(n_copies)):
+        for mass in mapping.bead_masses:
+            system.addParticle(float(mass) * unit.amu)
     if potential.periodic:
         if box_vectors_nm is None:
             box = mapping.to_openmm_topology().getPeriodicBoxVectors()
@@ -138,7 +156,7 @@ def create_cg_system(
         if box_vectors_nm.shape != (3, 3) or not np.isfinite(box_vectors_nm).all():
             raise ValueError(f"box_vectors_nm must be a finite (3, 3) array, got {box_vectors_nm}")
         system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*v) * unit.nanometer for v in box_vectors_nm))
-    system.addForce(create_force(potential, backend))
+    system.addForce(create_force(potential, backend, n_copies=n_copies))
     if remove_cm_motion:
         system.addForce(openmm.CMMotionRemover())
     return system
