@@ -254,7 +254,7 @@ class ForceMatchingTrainer:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                running += float(f_loss) * len(idx)
+                running += f_loss.detach().item() * len(idx)
                 count += len(idx)
             val_force, val_energy = self._evaluate(potential, val, energy_mean)
             scheduler.step(val_force)

@@ -1,0 +1,166 @@
+"""Quality of the force-matched CG alanine dipeptide (issue 4 targets).
+
+AA reference (amber14 + OBC2, 300 K) -> backbone-cb 6-bead map -> priors-only and priors+SchNet potentials
+-> CG Langevin dynamics in OpenMM (TorchForce, 4 fs, replicas as independent copies in one System) ->
+φ/ψ free-energy-surface JSD (36×36) and CG bond/angle/dihedral JSDs against the mapped AA data, and the
+number of blow-ups.  Targets: FES JSD <= 0.05; each bond/angle/dihedral JSD <= 0.02; 0 blow-ups in
+8 replicas × 250 000 steps.
+
+    python benchmarks/bench_cg_alanine.py [--aa-ns 20] [--replicas 8] [--steps 250000] [--epochs 30]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as u
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, save  # noqa: E402
+
+from openmm_backmap import metrics, systems  # noqa: E402
+from openmm_backmap.data import CGDataset, simulate_reference  # noqa: E402
+from openmm_backmap.mapping import CGMapping, map_dataset  # noqa: E402
+from openmm_backmap.potential import CGPotential, ForceMatchingTrainer, create_cg_system  # noqa: E402
+from openmm_backmap.potential.priors import angles_from_bonds, dihedrals_from_bonds  # noqa: E402
+from openmm_backmap.reporters import CGRunGuard, SimulationBlowUp  # noqa: E402
+
+PHI, PSI = [0, 1, 2, 4], [1, 2, 4, 5]  # backbone-cb beads: ACE C, N, CA, CB, C, NME N
+
+
+def run_cg(mapping, potential, starts, n_steps, dt_fs, report_every, seed):
+    """Independent replicas (copies in one System); returns frames (n_reports, replicas, 6, 3), info."""
+    n_rep = len(starts)
+    system = create_cg_system(mapping, potential, n_copies=n_rep)
+    integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, dt_fs * u.femtosecond)
+    integrator.setRandomNumberSeed(seed)
+    top = app.Topology()
+    for _ in range(n_rep):
+        chain = top.addChain()
+        res = top.addResidue("CG", chain)
+        for name in mapping.bead_names:
+            top.addAtom(name, app.Element.getBySymbol("C"), res)
+    sim = app.Simulation(top, system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    sim.context.setPositions(np.concatenate(starts))
+    sim.context.setVelocitiesToTemperature(300 * u.kelvin, seed)
+    guard = CGRunGuard(1000, max_temperature_K=1500)
+    sim.reporters.append(guard)
+    frames, temps, blew = [], [], None
+    t0 = time.perf_counter()
+    try:
+        for _ in range(n_steps // report_every):
+            sim.step(report_every)
+            state = sim.context.getState(getPositions=True)
+            frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer).reshape(n_rep, -1, 3))
+    except SimulationBlowUp as exc:
+        blew = str(exc)
+    seconds = time.perf_counter() - t0
+    return np.array(frames), {"blow_up": blew, "steps_done": sim.currentStep, "seconds": seconds,
+                              "steps_per_s": sim.currentStep / seconds}
+
+
+def cg_geometry(xyz, bonds):
+    ang, dih = angles_from_bonds(bonds), dihedrals_from_bonds(bonds)
+    return {"bond": metrics.distances(xyz, bonds), "angle": metrics.angles(xyz, ang),
+            "dihedral": metrics.dihedrals(xyz, dih)}, ang, dih
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--aa-ns", type=float, default=20.0)
+    parser.add_argument("--train-frames", type=int, default=50_000)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--replicas", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=250_000)
+    parser.add_argument("--dt-fs", type=float, default=4.0)
+    parser.add_argument("--work", type=Path, default=RESULTS / "work_cg_alanine")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    ts = systems.alanine_dipeptide("obc2")
+    n_steps = int(args.aa_ns * 500_000) // 100 * 100
+    aa = simulate_reference(work / "aa.h5", ts.topology, ts.system, ts.positions, n_steps=n_steps,
+                            report_interval=100, equilibration_steps=10_000, append=True, seed=1)
+    mapping = CGMapping.from_preset(ts.topology, "backbone-cb")
+    cg_path = map_dataset(aa, mapping, work / "cg.h5", overwrite=True)
+    with CGDataset(cg_path) as cg:
+        ref = cg.positions[:].astype(np.float64)
+    bonds = np.array([[b[0].index, b[1].index] for b in mapping.cg_topology.bonds])
+
+    model_path = work / "potential.pt"
+    if model_path.exists():
+        full = CGPotential.load(model_path, mapping=mapping)
+    else:
+        trainer = ForceMatchingTrainer(mapping, cg_path, max_epochs=args.epochs, patience=6,
+                                       max_frames=args.train_frames, batch_size=256, learning_rate=2e-3,
+                                       log=work / "training.csv", seed=0)
+        full = trainer.fit()
+        full.save(model_path)
+    models = {"priors + SchNet": full, "priors only": full.priors_only()}
+
+    rng = np.random.default_rng(0)
+    starts = [ref[i] for i in rng.choice(len(ref), size=args.replicas, replace=False)]
+    ref_geo, ang, dih = cg_geometry(ref, bonds)
+    phi_ref, psi_ref = metrics.dihedrals(ref, [PHI])[:, 0], metrics.dihedrals(ref, [PSI])[:, 0]
+    results, surfaces = {}, {"AA reference (mapped)": (phi_ref, psi_ref)}
+    for label, model in models.items():
+        frames, info = run_cg(mapping, model.float(), starts, args.steps, args.dt_fs, 250, seed=2)
+        xyz = frames.reshape(-1, 6, 3) if len(frames) else np.zeros((0, 6, 3))
+        row = {**info, "frames": len(xyz)}
+        if len(xyz) > 10:
+            phi, psi = metrics.dihedrals(xyz, [PHI])[:, 0], metrics.dihedrals(xyz, [PSI])[:, 0]
+            surfaces[f"CG, {label}"] = (phi, psi)
+            geo, _, _ = cg_geometry(xyz, bonds)
+            row["fes_jsd"] = metrics.fes_jsd(phi_ref, psi_ref, phi, psi)
+            for kind, data in geo.items():
+                rng_kind = (-np.pi, np.pi) if kind == "dihedral" else None
+                row[f"{kind}_jsd"] = [metrics.histogram_jsd(ref_geo[kind][:, k], data[:, k], bins=72 if kind == "dihedral" else 100,
+                                                            range=rng_kind) for k in range(data.shape[1])]
+        results[label] = row
+        print(label, {k: v for k, v in row.items() if k != "blow_up"}, row["blow_up"], flush=True)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(surfaces), figsize=(4.2 * len(surfaces), 3.8), dpi=110)
+    for ax, (title, (phi, psi)) in zip(np.atleast_1d(axes), surfaces.items()):
+        f, edges = metrics.free_energy_surface(phi, psi)
+        im = ax.pcolormesh(np.degrees(edges), np.degrees(edges), np.where(np.isfinite(f), f, np.nan).T,
+                           cmap="viridis", vmax=25)
+        ax.set(title=title, xlabel="φ (deg)", ylabel="ψ (deg)")
+    fig.colorbar(im, ax=axes, label="free energy (kJ/mol)")
+    fig.savefig(RESULTS / "cg_alanine_fes.png", bbox_inches="tight")
+
+    md = [f"AA reference: {args.aa_ns} ns of alanine dipeptide (amber14 + OBC2, 300 K), {len(ref)} frames mapped to "
+          f"backbone-cb; training on {min(args.train_frames, len(ref))} frames (time-block split 80/10/10). "
+          f"CG: {args.replicas} replicas × {args.steps} steps at {args.dt_fs} fs, Langevin 300 K, 1/ps, TorchForce "
+          "on Reference, float32 model.", "",
+          "| model | FES JSD (target ≤ 0.05) | max bond JSD | max angle JSD | max dihedral JSD (targets ≤ 0.02) | "
+          "blow-ups | CG steps/s (all replicas) |", "|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        if "fes_jsd" in r:
+            md.append(f"| {label} | {r['fes_jsd']:.3f} | {max(r['bond_jsd']):.3f} | {max(r['angle_jsd']):.3f} | "
+                      f"{max(r['dihedral_jsd']):.3f} | {'0' if r['blow_up'] is None else '1 (' + r['blow_up'][:80] + ')'} "
+                      f"| {r['steps_per_s']:.0f} |")
+        else:
+            md.append(f"| {label} | – | – | – | – | {r['blow_up']} | – |")
+    md.append(f"\nValidation force MSE: priors only {full.metadata.get('priors_only_val_force_mse', float('nan')):.0f}, "
+              f"priors + SchNet {full.metadata.get('val_force_mse', float('nan')):.0f} (kJ/mol/nm)²; "
+              f"wall time {time.perf_counter() - t_start:.0f} s.\n\n![FES](../benchmarks/results/cg_alanine_fes.png)\n")
+    save("cg_alanine", {"settings": vars(args) | {"work": str(args.work)}, "results": results,
+                        "training": {k: v for k, v in full.metadata.items() if "mse" in k or k in ("frames", "epochs")}},
+         "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
