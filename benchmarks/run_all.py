@@ -19,6 +19,8 @@ SECTIONS = {
     "data_writer": "AA data writer overhead (issue 2)",
     "liquid_density": "Liquid densities under NPT vs experiment (issue 2)",
     "energy": "AAEnergy vs OpenMM (issue 3)",
+    "cg_alanine": "Force-matched CG alanine dipeptide: quality (issue 4)",
+    "cg_speed": "CG alanine dipeptide in OpenMM: speed (issue 4)",
 }
 
 INTRO = """# Benchmarks

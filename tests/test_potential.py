@@ -190,3 +190,15 @@ def test_independent_copies_in_one_system(ala2_cg, trained, backend):
     e_model, f_model = potential.energy_and_forces(torch.tensor(x))
     assert state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole) == pytest.approx(float(e_model.sum()), rel=1e-6)
     np.testing.assert_allclose(state.getForces(asNumpy=True)._value, f_model.reshape(-1, 3).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_md_path_equals_autograd_of_forward(ala2_cg, trained):
+    potential = trained[0]
+    x = torch.tensor(_positions(ala2_cg[1], [10, 20, 30])[0], requires_grad=True)
+    energy = potential(x)
+    (grad,) = torch.autograd.grad(energy.sum(), x)
+    md_energy, md_forces = potential.md_energy_and_forces(x.detach())
+    torch.testing.assert_close(md_energy.detach(), energy.detach(), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(md_forces.detach(), -grad, rtol=1e-10, atol=1e-9)
+    scripted = torch.jit.script(potential)
+    torch.testing.assert_close(scripted.md_energy_and_forces(x.detach())[1].detach(), -grad, rtol=1e-10, atol=1e-9)

@@ -11,7 +11,7 @@ Two backends behind one call:
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import openmm
@@ -24,7 +24,8 @@ BACKENDS = ("torch", "python")
 
 
 class _TorchForceModule(torch.nn.Module):
-    """openmmtorch calling convention, non-periodic: ``forward(positions (n_copies * n, 3) nm) -> energy``.
+    """openmmtorch calling convention with ``setOutputsForces(True)``, non-periodic:
+    ``forward(positions (n_copies * n, 3) nm) -> (energy, forces)``.
 
     ``n_copies`` non-interacting copies of the molecule are evaluated as one batch (independent replicas
     in one System cost about one model call per step).
@@ -37,22 +38,26 @@ class _TorchForceModule(torch.nn.Module):
         self.n_beads = potential.n_beads
         self.register_buffer("_probe", torch.zeros((), dtype=potential.energy_offset.dtype))
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = positions.to(self._probe.dtype).reshape(self.n_copies, self.n_beads, 3)
-        return self.potential(x, None).sum().to(positions.dtype)
+        energy, forces = self.potential.md_energy_and_forces(x, None)
+        return energy.sum().to(positions.dtype), forces.reshape(-1, 3).to(positions.dtype)
 
 
 class _PeriodicTorchForceModule(torch.nn.Module):
-    """openmmtorch calling convention, periodic: ``forward(positions (n, 3), box (3, 3)) -> energy``."""
+    """openmmtorch convention with ``setOutputsForces(True)``, periodic:
+    ``forward(positions (n, 3), box (3, 3)) -> (energy, forces)``."""
 
     def __init__(self, potential: CGPotential) -> None:
         super().__init__()
         self.potential = potential
         self.register_buffer("_probe", torch.zeros((), dtype=potential.energy_offset.dtype))
 
-    def forward(self, positions: torch.Tensor, boxvectors: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, boxvectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         dtype = self._probe.dtype
-        return self.potential(positions.to(dtype).unsqueeze(0), boxvectors.to(dtype).unsqueeze(0))[0].to(positions.dtype)
+        x, box = positions.to(dtype).unsqueeze(0), boxvectors.to(dtype).unsqueeze(0)
+        energy, forces = self.potential.md_energy_and_forces(x, box)
+        return energy[0].to(positions.dtype), forces[0].to(positions.dtype)
 
 
 class PotentialComputation:
@@ -106,6 +111,7 @@ def create_force(potential: CGPotential, backend: str = "torch", *, force_group:
             raise ValueError(f"the potential cannot be compiled with TorchScript ({exc}); "
                              f"use backend='python'") from exc
         force = openmmtorch.TorchForce(module)
+        force.setOutputsForces(True)
         force.setUsesPeriodicBoundaryConditions(potential.periodic)
     else:
         force = openmm.PythonForce(PotentialComputation(potential, n_copies))

@@ -5,7 +5,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,7 +64,8 @@ class CGPotential(torch.nn.Module):
             raise ValueError(f"{len(bead_names)} bead names but {len(bead_types)} bead types")
         if not 0 <= n_priors <= len(terms):
             raise ValueError(f"n_priors={n_priors} must lie in [0, {len(terms)}]")
-        self.terms = torch.nn.ModuleList(terms)
+        self.prior_terms = torch.nn.ModuleList(terms[:n_priors])
+        self.network_terms = torch.nn.ModuleList(terms[n_priors:])
         self.n_priors = int(n_priors)
         self.n_beads = len(bead_names)
         self.periodic = bool(periodic)
@@ -75,29 +76,57 @@ class CGPotential(torch.nn.Module):
         self.metadata: Dict[str, Any] = dict(metadata or {})
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm (box ``(B, 3, 3)`` if periodic)."""
+        """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm (box ``(B, 3, 3)`` if periodic).
+
+        Fully differentiable (also through the forces, as force-matching training needs).
+        """
         energy = self.energy_offset.to(positions.dtype).expand(positions.shape[0])
-        for term in self.terms:
+        for term in self.prior_terms:
+            energy = energy + term(positions, box)
+        for term in self.network_terms:
             energy = energy + term(positions, box)
         return energy
+
+    @torch.jit.export
+    def md_energy_and_forces(self, positions: torch.Tensor,
+                             box: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energies ``(B,)`` (kJ/mol) and forces ``(B, n, 3)`` (kJ/mol/nm) for MD (no second derivatives).
+
+        The networks compute their forces analytically (``energy_and_forces``), the priors by autograd;
+        cheaper than differentiating :meth:`forward`, whose network backward pass is most of an MD step.
+        """
+        x = positions.detach().requires_grad_(True)
+        prior_energy = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for term in self.prior_terms:
+            prior_energy = prior_energy + term(x, box)
+        forces = torch.zeros_like(x)
+        if prior_energy.requires_grad:
+            grad = torch.autograd.grad([prior_energy.sum()], [x], allow_unused=True)[0]
+            if grad is not None:
+                forces = forces - grad
+        energy = self.energy_offset.to(x.dtype).expand(x.shape[0]) + prior_energy.detach()
+        frozen = x.detach()
+        for term in self.network_terms:
+            e, f = term.energy_and_forces(frozen, box)
+            energy = energy + e
+            forces = forces + f
+        return energy, forces
 
     # -- convenience (not scripted) -------------------------------------------------------------------
     @torch.jit.unused
     def energy_and_forces(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None):
-        """Energies ``(B,)`` (kJ/mol) and forces ``(B, n, 3)`` (kJ/mol/nm), detached."""
+        """Energies ``(B,)`` (kJ/mol) and forces ``(B, n, 3)`` (kJ/mol/nm), detached (inference path)."""
         with torch.enable_grad():
-            x = positions.detach().requires_grad_(True)
-            energy = self.forward(x, box)
-            (grad,) = torch.autograd.grad(energy.sum(), x)
-        return energy.detach(), -grad
+            energy, forces = self.md_energy_and_forces(positions, box)
+        return energy.detach(), forces.detach()
 
     @property
     def priors(self) -> list[torch.nn.Module]:
-        return list(self.terms[: self.n_priors])
+        return list(self.prior_terms)
 
     @property
     def networks(self) -> list[torch.nn.Module]:
-        return list(self.terms[self.n_priors:])
+        return list(self.network_terms)
 
     @torch.jit.unused
     def priors_only(self) -> "CGPotential":
@@ -131,7 +160,7 @@ class CGPotential(torch.nn.Module):
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "terms": [{"class": type(t).__name__, "config": t.config()} for t in self.terms],
+            "terms": [{"class": type(t).__name__, "config": t.config()} for t in (*self.priors, *self.networks)],
             "n_priors": self.n_priors,
             "bead_names": self.bead_names,
             "bead_types": self.bead_types,

@@ -1,0 +1,112 @@
+"""Speed of the CG alanine dipeptide in OpenMM vs the AA system (issue 4; all measured in one run).
+
+- CG (6 beads, priors + SchNet with the default architecture, float32) with the TorchForce and the PythonForce
+  backend, at 4 fs, on the Reference platform; and an empty CG system (same particles, no force) to isolate
+  the per-step cost of the force.
+- AA alanine dipeptide in TIP3P with PME at 2 fs (CPU platform) and in OBC2 (Reference), for comparison.
+Target: CG ns/day >= 20x AA TIP3P ns/day.
+
+    python benchmarks/bench_cg_speed.py [--seconds 10]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openmm
+import openmm.unit as u
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import save  # noqa: E402
+
+from openmm_backmap import systems  # noqa: E402
+from openmm_backmap.data import CGDataset, simulate_reference  # noqa: E402
+from openmm_backmap.mapping import CGMapping, map_dataset  # noqa: E402
+from openmm_backmap.platforms import choose_platform  # noqa: E402
+from openmm_backmap.potential import CGPotential, create_cg_system  # noqa: E402
+from openmm_backmap.potential.priors import fit_priors  # noqa: E402
+from openmm_backmap.potential.schnet import SchNet  # noqa: E402
+from openmm_backmap.potential.trainer import DEFAULT_NETWORK  # noqa: E402
+
+
+def steps_per_second(system, positions, dt_fs, seconds, platform=None, box=None):
+    integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, dt_fs * u.femtosecond)
+    context = openmm.Context(system, integrator, choose_platform(system, platform))
+    if box is not None:
+        context.setPeriodicBoxVectors(*box)
+    context.setPositions(positions)
+    context.setVelocitiesToTemperature(300 * u.kelvin, 1)
+    integrator.step(50)
+    n, t0 = 0, time.perf_counter()
+    chunk = 10
+    while time.perf_counter() - t0 < seconds:
+        integrator.step(chunk)
+        n += chunk
+        if n == 100 and time.perf_counter() - t0 < 0.05 * seconds:
+            chunk = 200
+    return n / (time.perf_counter() - t0), context.getPlatform().getName()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="wall time per measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ts = systems.alanine_dipeptide("obc2")
+        aa = simulate_reference(Path(tmp) / "aa.h5", ts.topology, ts.system, ts.positions, n_steps=20_000,
+                                report_interval=100, progress=False)
+        mapping = CGMapping.from_preset(ts.topology, "backbone-cb")
+        with CGDataset(map_dataset(aa, mapping, Path(tmp) / "cg.h5", progress=False)) as cg:
+            xyz = cg.positions[:].astype(np.float64)
+    bonds = [[b[0].index, b[1].index] for b in mapping.cg_topology.bonds]
+    priors = fit_priors(xyz, bonds, 300.0, bead_types=mapping.bead_types)
+    types = sorted(set(mapping.bead_types))
+    net = SchNet(bead_types=[types.index(t) for t in mapping.bead_types], n_types=len(types), **DEFAULT_NETWORK)
+    potential = CGPotential([*priors, net], n_priors=len(priors), bead_names=mapping.bead_names,
+                            bead_types=mapping.bead_types, mapping_fingerprint=mapping.topology_fingerprint).float()
+    start = xyz[-1]
+
+    rows = {}
+    empty = openmm.System()
+    for m in mapping.bead_masses:
+        empty.addParticle(float(m))
+    rows["CG, empty system (no force)"] = steps_per_second(empty, start, 4, args.seconds, "Reference") + (4,)
+    for backend in ("torch", "python"):
+        system = create_cg_system(mapping, potential, backend=backend)
+        rows[f"CG, {backend} backend"] = steps_per_second(system, start, 4, args.seconds, "Reference") + (4,)
+    wet = systems.alanine_dipeptide("tip3p")
+    box = wet.topology.getPeriodicBoxVectors()
+    rows["AA, TIP3P + PME"] = steps_per_second(wet.system, wet.minimized(max_iterations=200).positions,
+                                               2, args.seconds, box=box) + (2,)
+    rows["AA, OBC2 implicit solvent"] = steps_per_second(ts.system, ts.minimized().positions, 2, args.seconds) + (2,)
+
+    ns_day = {k: v[0] * v[2] * 1e-6 * 86400 for k, v in rows.items()}
+    per_step_us = {k: 1e6 / v[0] for k, v in rows.items()}
+    force_cost = {b: per_step_us[f"CG, {b} backend"] - per_step_us["CG, empty system (no force)"]
+                  for b in ("torch", "python")}
+    ratio = ns_day["CG, torch backend"] / ns_day["AA, TIP3P + PME"]
+    for k in rows:
+        print(f"{k}: {rows[k][0]:.0f} steps/s ({rows[k][1]}), {ns_day[k]:.1f} ns/day", flush=True)
+    print(f"CG torch vs AA TIP3P: {ratio:.1f}x; force cost per step: {force_cost}")
+
+    md = ["| system | platform | time step | steps/s | ns/day | µs/step |", "|---|---|---|---|---|---|"]
+    for k, (sps, plat, dt) in rows.items():
+        md.append(f"| {k} | {plat} | {dt} fs | {sps:.0f} | {ns_day[k]:.1f} | {per_step_us[k]:.0f} |")
+    md.append(f"\nCG with the TorchForce vs AA in TIP3P/PME: **{ratio:.1f}×** more simulated time per day (target ≥ 20×). "
+              f"Cost of the CG force per step over the empty system: TorchForce {force_cost['torch']:.0f} µs, "
+              f"PythonForce {force_cost['python']:.0f} µs. Model: priors + SchNet (hidden {DEFAULT_NETWORK['hidden']}, "
+              f"{DEFAULT_NETWORK['n_interactions']} interactions, cutoff {DEFAULT_NETWORK['cutoff_nm']} nm), float32, "
+              "torch threads = 1; the AA TIP3P run uses the CPU platform's threads.\n")
+    save("cg_speed", {"steps_per_s": {k: v[0] for k, v in rows.items()}, "ns_per_day": ns_day,
+                      "force_cost_us": force_cost, "ratio_cg_torch_vs_aa_tip3p": ratio}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
