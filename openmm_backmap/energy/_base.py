@@ -5,6 +5,13 @@ Every native term is a ``torch.nn.Module`` built from one OpenMM force.  ``forwa
 term category (``"bond"``, ``"angle"``, ``"torsion"``, ``"cmap"``, ``"lj"``, ``"coulomb"``, ...) to energies
 ``(B,)`` in kJ/mol.  Forces come from autograd.  Parameters and index lists are buffers, so ``.to(dtype,
 device)`` moves a term like any module.
+
+Internally the terms work on batch-last coordinates ``(3, n, B)`` (:func:`batch_last`): gathering atoms is
+an ``index_select`` along the atom axis, each Cartesian component of the gathered vectors is a contiguous
+``(M, B)`` array, and all arithmetic runs along the contiguous batch axis with explicit component formulas
+(dot and cross products of vectors as tuples of components; far cheaper forwards and backwards than
+reductions and ``torch.linalg.cross`` over a size-3 axis).  :class:`AAEnergy` converts the positions once
+and calls :meth:`EnergyTerm.energy` of every term.
 """
 from __future__ import annotations
 
@@ -16,12 +23,20 @@ ONE_4PI_EPS0 = 138.93545764438198
 
 
 class EnergyTerm(torch.nn.Module):
-    """Base class of native (pure torch) energy terms."""
+    """Base class of native (pure torch) energy terms.
+
+    Subclasses implement :meth:`energy` on batch-last coordinates; ``forward`` takes positions ``(B, n, 3)``.
+    """
 
     #: Term categories this module returns, in order.
     categories: tuple[str, ...] = ()
 
     def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Energies ``(B,)`` in kJ/mol per category of positions ``(B, n, 3)`` in nm."""
+        return self.energy(batch_last(positions), box)
+
+    def energy(self, coordinates: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Energies ``(B,)`` in kJ/mol per category of coordinates ``(3, n, B)`` (see :func:`batch_last`)."""
         raise NotImplementedError
 
     def subset(self, new_index: np.ndarray, in_subset: np.ndarray) -> "EnergyTerm | None":
@@ -53,37 +68,66 @@ def keep_interactions(atoms: np.ndarray, new_index: np.ndarray, in_subset: np.nd
     return (new_index[atoms] >= 0).all(axis=1) & in_subset[atoms].any(axis=1)
 
 
+def batch_last(positions: torch.Tensor) -> torch.Tensor:
+    """Positions ``(B, n, 3)`` as contiguous coordinates ``(3, n, B)``, the layout of :meth:`EnergyTerm.energy`."""
+    return positions.permute(2, 1, 0).contiguous()
+
+
+#: A batch of 3-vectors as its three Cartesian components, each ``(M, B)``.
+Vectors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def minimum_image(delta: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """Minimum-image displacement vectors, OpenMM's convention for reduced triclinic boxes.
 
     Parameters
     ----------
     delta
-        ``(B, M, 3)`` displacements in nm.
+        ``(3, M, B)`` displacements in nm (batch-last layout).
     box
         ``(B, 3, 3)`` box vectors in nm, rows a, b, c in OpenMM's reduced form (a along x, b in the xy
         plane).
     """
-    a, b, c = box[:, None, 0], box[:, None, 1], box[:, None, 2]
-    delta = delta - c * torch.round(delta[..., 2:3] / c[..., 2:3])
-    delta = delta - b * torch.round(delta[..., 1:2] / b[..., 1:2])
-    delta = delta - a * torch.round(delta[..., 0:1] / a[..., 0:1])
+    vectors = box.permute(1, 2, 0).unsqueeze(2)  # (vector, component, 1, B)
+    for k in (2, 1, 0):
+        # The number of box vectors to subtract is piecewise constant: no gradient flows through it.
+        shift = torch.round(delta[k].detach() / box[:, k, k].detach())
+        delta = delta - vectors[k] * shift
     return delta
 
 
-def displacement(positions: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+def bond_vectors(coordinates: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
                  box: torch.Tensor | None = None) -> torch.Tensor:
-    """``r_j - r_i`` for index tensors ``i, j (M,)`` over a batch ``(B, n, 3)``; minimum image if ``box``."""
-    d = positions[:, j] - positions[:, i]
-    return minimum_image(d, box) if box is not None else d
+    """``r[end] - r[start]``: ``(3, M, B)`` vectors between atoms ``start, end (M,)`` of coordinates
+    ``(3, n, B)``, with the minimum-image convention if ``box (B, 3, 3)`` is given."""
+    delta = coordinates.index_select(1, end) - coordinates.index_select(1, start)
+    return delta if box is None else minimum_image(delta, box)
+
+
+def dot(u: Vectors, v: Vectors) -> torch.Tensor:
+    """Dot products ``(M, B)`` of vectors given as components."""
+    return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+
+
+def norm(u: Vectors) -> torch.Tensor:
+    """Lengths ``(M, B)`` of vectors given as components.  A zero vector has a vanishing length with zero
+    gradient (as ``torch.linalg.norm``'s subgradient), not the infinite gradient of ``sqrt`` at 0."""
+    return torch.sqrt(dot(u, u).clamp_min(torch.finfo(u[0].dtype).tiny))
+
+
+def cross(u: Vectors, v: Vectors) -> Vectors:
+    """Cross products of vectors given as components."""
+    return u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]
+
+
+def dihedral_from_bonds(b0: Vectors, b1: Vectors, b2: Vectors) -> torch.Tensor:
+    """Dihedral angles (rad, in [-pi, pi]) of chains of bond vectors ``b0, b1, b2`` given as components,
+    IUPAC sign convention (as OpenMM): ``atan2(|b1| b0 . (b1 x b2), (b0 x b1) . (b1 x b2))``."""
+    n2 = cross(b1, b2)
+    y = dot(b0, n2) * torch.sqrt(dot(b1, b1))
+    return torch.atan2(y, dot(cross(b0, b1), n2))
 
 
 def dihedral(p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor) -> torch.Tensor:
-    """Dihedral angle (rad, in (-pi, pi]) of four points ``(..., 3)``, IUPAC sign convention (as OpenMM)."""
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    n1 = torch.cross(b0, b1, dim=-1)
-    n2 = torch.cross(b1, b2, dim=-1)
-    m1 = torch.cross(n1, b1 / torch.linalg.norm(b1, dim=-1, keepdim=True), dim=-1)
-    x = (n1 * n2).sum(-1)
-    y = (m1 * n2).sum(-1)
-    return -torch.atan2(y, x)
+    """Dihedral angle (rad, in [-pi, pi]) of four points ``(..., 3)``, IUPAC sign convention (as OpenMM)."""
+    return dihedral_from_bonds((p1 - p0).unbind(-1), (p2 - p1).unbind(-1), (p3 - p2).unbind(-1))

@@ -7,7 +7,7 @@ import numpy as np
 import openmm
 import torch
 
-from ._base import EnergyTerm
+from ._base import EnergyTerm, batch_last
 from .bonded import BONDED_TERMS
 from .bridge import OpenMMBridge
 from .nonbonded import Nonbonded
@@ -57,6 +57,9 @@ class AAEnergy(torch.nn.Module):
     >>> f = energy.forces(positions)                    # (B, n, 3) kJ/mol/nm
     >>> energy.terms(positions)["lj"]                   # per-term breakdown
     """
+
+    #: Number of atoms times configurations per chunk of :meth:`energy_and_forces`.
+    _CHUNK_ATOMS = 2**14
 
     def __init__(
         self,
@@ -166,9 +169,13 @@ class AAEnergy(torch.nn.Module):
         box
             ``(B, 3, 3)`` or ``(3, 3)`` box vectors in nm (rows a, b, c); required for periodic systems.
         """
-        positions, box = self._check(positions, box)
+        return self._terms(*self._check(positions, box))
+
+    def _terms(self, positions: torch.Tensor, box: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """:meth:`terms` of checked inputs."""
         out: dict[str, torch.Tensor] = {}
-        parts = [term(positions, box) for term in self.native]
+        coordinates = batch_last(positions)  # once for all native terms
+        parts = [term.energy(coordinates, box) for term in self.native]
         if self.bridge is not None:
             parts.append(self.bridge(positions, box))
         for part in parts:
@@ -180,16 +187,30 @@ class AAEnergy(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
         """Total potential energy ``(B,)`` in kJ/mol (differentiable)."""
-        return torch.stack(list(self.terms(positions, box).values())).sum(0)
+        return _total(self.terms(positions, box))
 
     def energy_and_forces(self, positions: torch.Tensor, box: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies ``(B,)`` (kJ/mol) and forces ``-dU/dx`` ``(B, n, 3)`` (kJ/mol/nm), detached."""
-        with torch.enable_grad():
-            x = positions.detach().requires_grad_(True)
-            energy = self.forward(x, box)
-            (grad,) = torch.autograd.grad(energy.sum(), x)
-        return energy.detach(), -grad
+        """Energies ``(B,)`` (kJ/mol) and forces ``-dU/dx`` ``(B, n, 3)`` (kJ/mol/nm), detached.
+
+        Large batches are evaluated in chunks of configurations (forward and backward pass per chunk, about
+        ``2**14`` atoms each), which keeps the intermediates small enough to stay in the CPU's caches.
+        """
+        positions, box = self._check(positions, box)
+        chunk = max(1, self._CHUNK_ATOMS // self.n_atoms)
+        chunks = positions.detach().split(chunk)
+        boxes = [None] * len(chunks) if box is None else box.split(chunk)
+        energies, forces = [], []
+        for x, chunk_box in zip(chunks, boxes):
+            with torch.enable_grad():
+                x = x.requires_grad_(True)
+                energy = _total(self._terms(x, chunk_box))
+                (grad,) = torch.autograd.grad(energy.sum(), x)
+            energies.append(energy.detach())
+            forces.append(-grad)
+        if len(chunks) == 1:
+            return energies[0], forces[0]
+        return torch.cat(energies), torch.cat(forces)
 
     def forces(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
         """Forces ``-dU/dx`` ``(B, n, 3)`` in kJ/mol/nm (detached)."""
@@ -294,6 +315,11 @@ class AAEnergy(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_atoms={self.n_atoms}, periodic={self.periodic}, categories={self.categories}"
+
+
+def _total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the energies ``(B,)`` of all term categories."""
+    return torch.stack(list(terms.values())).sum(0)
 
 
 def _native_term(force: openmm.Force, n_atoms: int) -> tuple[EnergyTerm | None, str]:

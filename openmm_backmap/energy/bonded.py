@@ -24,7 +24,7 @@ import torch
 from numpy.typing import ArrayLike
 from openmm import unit
 
-from ._base import EnergyTerm, dihedral, displacement, keep_interactions
+from ._base import EnergyTerm, Vectors, bond_vectors, cross, dihedral_from_bonds, dot, keep_interactions, norm
 
 _NM = unit.nanometer
 _RAD = unit.radian
@@ -50,33 +50,39 @@ def _tensor(value: ArrayLike | torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return torch.as_tensor(np.asarray(value), dtype=dtype)
 
 
-def _torsion_angles(positions: torch.Tensor, atoms: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
-    """Dihedral angles ``(B, M)`` in rad of the atom quadruplets ``atoms (M, 4)``; minimum image if ``box``."""
-    if box is None:
-        return dihedral(*(positions[:, atoms[:, k]] for k in range(4)))
-    b0, b1, b2 = (displacement(positions, atoms[:, k], atoms[:, k + 1], box) for k in range(3))
-    p2 = b0 + b1
-    return dihedral(torch.zeros_like(b0), b0, p2, p2 + b2)
-
-
 class _BondedTerm(EnergyTerm):
     """Storage, periodic-box handling and :meth:`subset` shared by the bonded terms.
 
     Subclasses name their per-interaction buffers in ``_per_interaction`` and the buffers shared by all
     interactions in ``_shared``; both are keyword arguments of their constructor, next to ``atoms`` and
-    ``periodic``.
+    ``periodic``.  The geometry of an interaction comes from the vectors between its atoms listed in
+    ``_vectors`` (see :meth:`_tuple_vectors`); interactions of the same atoms (e.g. the Fourier terms
+    of one torsion) share it.
     """
 
     _per_interaction: ClassVar[tuple[str, ...]] = ()
     _shared: ClassVar[tuple[str, ...]] = ()
     #: Number of atoms per interaction.
     _n_atoms: ClassVar[int] = 0
+    #: Vectors ``r[end] - r[start]`` each interaction needs, as ``(start, end)`` positions in its atom list.
+    _vectors: ClassVar[tuple[tuple[int, int], ...]] = ()
 
     def __init__(self, atoms: ArrayLike | torch.Tensor, periodic: bool) -> None:
         super().__init__()
         self.register_buffer("atoms", _tensor(atoms, torch.int64).reshape(-1, self._n_atoms))
         #: Whether bond vectors use the minimum-image convention (a box is then required).
         self.periodic = bool(periodic)
+        # Geometry is evaluated once per distinct atom tuple; ``_tuple`` maps each interaction to its tuple
+        # (when some interactions share one; otherwise the tuples are the interactions, in order).
+        tuples, index = np.unique(self.atoms.cpu().numpy(), axis=0, return_inverse=True)
+        self._shared_geometry = len(tuples) < self.num_interactions
+        self.register_buffer("_tuple", torch.as_tensor(index.reshape(-1), device=self.atoms.device),
+                             persistent=False)
+        tuples = torch.as_tensor(tuples, device=self.atoms.device) if self._shared_geometry else self.atoms
+        # Vector-major atom lists: entries v * T ... (v + 1) * T - 1 belong to vector v of every tuple.
+        start, end = (list(positions) for positions in zip(*self._vectors))
+        self.register_buffer("_start", tuples[:, start].T.reshape(-1), persistent=False)
+        self.register_buffer("_end", tuples[:, end].T.reshape(-1), persistent=False)
 
     @property
     def num_interactions(self) -> int:
@@ -86,12 +92,25 @@ class _BondedTerm(EnergyTerm):
     def extra_repr(self) -> str:
         return f"num_interactions={self.num_interactions}, periodic={self.periodic}"
 
-    def _parameter(self, name: str, positions: torch.Tensor) -> torch.Tensor:
-        """Buffer ``name`` in the dtype of ``positions``."""
-        return getattr(self, name).to(positions.dtype)
+    def _parameter(self, name: str, coordinates: torch.Tensor) -> torch.Tensor:
+        """Buffer ``name`` in the dtype of ``coordinates``."""
+        return getattr(self, name).to(coordinates.dtype)
 
-    def _box(self, positions: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor | None:
-        """The box to use: ``None`` for a non-periodic force, else ``box`` in the dtype of ``positions``.
+    def _tuple_vectors(self, coordinates: torch.Tensor, box: torch.Tensor | None) -> list[Vectors]:
+        """The vectors of ``_vectors`` of every distinct atom tuple, as components ``(T, B)``, of coordinates
+        ``(3, n, B)``; minimum image for a periodic force (``box`` is then required).  Quantities computed
+        from them go to the interactions through :meth:`_per_interaction_rows`."""
+        delta = bond_vectors(coordinates, self._start, self._end, self._box(coordinates, box))
+        n = len(self._vectors)
+        components = delta.view(3 * n, -1, delta.shape[-1]).unbind(0)
+        return [components[v::n] for v in range(n)]
+
+    def _per_interaction_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-tuple ``values (T, ...)`` (from :meth:`_tuple_vectors`) as per-interaction rows ``(M, ...)``."""
+        return values.index_select(0, self._tuple) if self._shared_geometry else values
+
+    def _box(self, coordinates: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor | None:
+        """The box to use: ``None`` for a non-periodic force, else ``box`` in the dtype of ``coordinates``.
 
         Raises
         ------
@@ -104,7 +123,7 @@ class _BondedTerm(EnergyTerm):
             raise ValueError(
                 f"{type(self).__name__} uses periodic boundary conditions; pass box vectors (B, 3, 3) in nm"
             )
-        return box.to(positions.dtype)
+        return box.to(coordinates.dtype)
 
     def subset(self, new_index: np.ndarray, in_subset: np.ndarray) -> "_BondedTerm | None":
         """The same term restricted to a subset of atoms; see :meth:`EnergyTerm.subset`."""
@@ -139,6 +158,7 @@ class HarmonicBond(_BondedTerm):
     categories = ("bond",)
     _per_interaction = ("length", "k")
     _n_atoms = 2
+    _vectors = ((0, 1),)
 
     def __init__(self, atoms: ArrayLike, length: ArrayLike, k: ArrayLike, periodic: bool = False) -> None:
         super().__init__(atoms, periodic)
@@ -158,12 +178,12 @@ class HarmonicBond(_BondedTerm):
             periodic=force.usesPeriodicBoundaryConditions(),
         )
 
-    def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Bond energy ``(B,)`` in kJ/mol of positions ``(B, n, 3)`` in nm."""
-        box = self._box(positions, box)
-        r = torch.linalg.norm(displacement(positions, self.atoms[:, 0], self.atoms[:, 1], box), dim=-1)
-        energy = 0.5 * self._parameter("k", positions) * (r - self._parameter("length", positions)) ** 2
-        return {"bond": energy.sum(-1)}
+    def energy(self, coordinates: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Bond energy ``(B,)`` in kJ/mol of coordinates ``(3, n, B)`` in nm."""
+        (bond,) = self._tuple_vectors(coordinates, box)
+        length = self._per_interaction_rows(norm(bond))
+        stretch = length - self._parameter("length", coordinates)[:, None]
+        return {"bond": 0.5 * self._parameter("k", coordinates) @ stretch.square()}
 
 
 class HarmonicAngle(_BondedTerm):
@@ -187,6 +207,7 @@ class HarmonicAngle(_BondedTerm):
     categories = ("angle",)
     _per_interaction = ("angle", "k")
     _n_atoms = 3
+    _vectors = ((1, 0), (1, 2))  # the arms from the vertex
 
     def __init__(self, atoms: ArrayLike, angle: ArrayLike, k: ArrayLike, periodic: bool = False) -> None:
         super().__init__(atoms, periodic)
@@ -206,14 +227,12 @@ class HarmonicAngle(_BondedTerm):
             periodic=force.usesPeriodicBoundaryConditions(),
         )
 
-    def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Angle energy ``(B,)`` in kJ/mol of positions ``(B, n, 3)`` in nm."""
-        box = self._box(positions, box)
-        u = displacement(positions, self.atoms[:, 1], self.atoms[:, 0], box)
-        v = displacement(positions, self.atoms[:, 1], self.atoms[:, 2], box)
-        theta = torch.atan2(torch.linalg.norm(torch.cross(u, v, dim=-1), dim=-1), (u * v).sum(-1))
-        energy = 0.5 * self._parameter("k", positions) * (theta - self._parameter("angle", positions)) ** 2
-        return {"angle": energy.sum(-1)}
+    def energy(self, coordinates: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Angle energy ``(B,)`` in kJ/mol of coordinates ``(3, n, B)`` in nm."""
+        u, v = self._tuple_vectors(coordinates, box)
+        theta = self._per_interaction_rows(torch.atan2(norm(cross(u, v)), dot(u, v)))
+        bend = theta - self._parameter("angle", coordinates)[:, None]
+        return {"angle": 0.5 * self._parameter("k", coordinates) @ bend.square()}
 
 
 class PeriodicTorsion(_BondedTerm):
@@ -238,6 +257,7 @@ class PeriodicTorsion(_BondedTerm):
     categories = ("torsion",)
     _per_interaction = ("periodicity", "phase", "k")
     _n_atoms = 4
+    _vectors = ((0, 1), (1, 2), (2, 3))
 
     def __init__(
         self, atoms: ArrayLike, periodicity: ArrayLike, phase: ArrayLike, k: ArrayLike, periodic: bool = False
@@ -261,12 +281,11 @@ class PeriodicTorsion(_BondedTerm):
             periodic=force.usesPeriodicBoundaryConditions(),
         )
 
-    def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Torsion energy ``(B,)`` in kJ/mol of positions ``(B, n, 3)`` in nm."""
-        phi = _torsion_angles(positions, self.atoms, self._box(positions, box))
-        angle = self._parameter("periodicity", positions) * phi - self._parameter("phase", positions)
-        energy = self._parameter("k", positions) * (1.0 + torch.cos(angle))
-        return {"torsion": energy.sum(-1)}
+    def energy(self, coordinates: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Torsion energy ``(B,)`` in kJ/mol of coordinates ``(3, n, B)`` in nm."""
+        phi = self._per_interaction_rows(dihedral_from_bonds(*self._tuple_vectors(coordinates, box)))
+        periodicity, phase, k = (self._parameter(name, coordinates) for name in ("periodicity", "phase", "k"))
+        return {"torsion": k.sum() + k @ torch.cos(periodicity[:, None] * phi - phase[:, None])}
 
 
 class RBTorsion(_BondedTerm):
@@ -288,6 +307,7 @@ class RBTorsion(_BondedTerm):
     categories = ("torsion",)
     _per_interaction = ("c",)
     _n_atoms = 4
+    _vectors = ((0, 1), (1, 2), (2, 3))
 
     def __init__(self, atoms: ArrayLike, c: ArrayLike, periodic: bool = False) -> None:
         super().__init__(atoms, periodic)
@@ -305,14 +325,14 @@ class RBTorsion(_BondedTerm):
             periodic=force.usesPeriodicBoundaryConditions(),
         )
 
-    def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Torsion energy ``(B,)`` in kJ/mol of positions ``(B, n, 3)`` in nm."""
-        cos_psi = -torch.cos(_torsion_angles(positions, self.atoms, self._box(positions, box)))
-        c = self._parameter("c", positions)
-        energy = c[:, 5]
+    def energy(self, coordinates: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Torsion energy ``(B,)`` in kJ/mol of coordinates ``(3, n, B)`` in nm."""
+        cos_psi = -torch.cos(self._per_interaction_rows(dihedral_from_bonds(*self._tuple_vectors(coordinates, box))))
+        c = self._parameter("c", coordinates).T.unsqueeze(-1)  # (6, M, 1)
+        energy = c[5]
         for i in range(4, -1, -1):  # Horner's scheme over the six coefficients
-            energy = energy * cos_psi + c[:, i]
-        return {"torsion": energy.sum(-1)}
+            energy = energy * cos_psi + c[i]
+        return {"torsion": energy.sum(0)}
 
 
 def _periodic_spline_slopes(values: np.ndarray, spacing: float, axis: int) -> np.ndarray:
@@ -400,6 +420,7 @@ class CMAPTorsion(_BondedTerm):
     _per_interaction = ("map_offset", "map_size")
     _shared = ("coefficients",)
     _n_atoms = 8
+    _vectors = ((0, 1), (1, 2), (2, 3), (4, 5), (5, 6), (6, 7))
 
     def __init__(
         self,
@@ -432,23 +453,22 @@ class CMAPTorsion(_BondedTerm):
             periodic=force.usesPeriodicBoundaryConditions(),
         )
 
-    def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """CMAP energy ``(B,)`` in kJ/mol of positions ``(B, n, 3)`` in nm."""
-        box = self._box(positions, box)
-        size = self.map_size.to(positions.dtype)
-        spacing = 2.0 * math.pi / size
-        cells, powers = [], []
-        for atoms in (self.atoms[:, :4], self.atoms[:, 4:]):
-            # Grid coordinate in [0, size); the clamp catches a remainder rounded up to 2 pi.
-            x = torch.remainder(_torsion_angles(positions, atoms, box), 2.0 * math.pi) / spacing
-            cell = torch.minimum(torch.floor(x.detach()), size - 1)
-            u = x - cell
-            cells.append(cell.long())
-            powers.append(torch.stack([torch.ones_like(u), u, u * u, u * u * u], dim=-1))
-        patch = self.map_offset + cells[0] * self.map_size + cells[1]
-        c = self.coefficients.to(positions.dtype)[patch]  # (B, M, 4, 4)
-        energy = torch.einsum("bmij,bmi,bmj->bm", c, powers[0], powers[1])
-        return {"cmap": energy.sum(-1)}
+    def energy(self, coordinates: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """CMAP energy ``(B,)`` in kJ/mol of coordinates ``(3, n, B)`` in nm."""
+        vectors = self._tuple_vectors(coordinates, box)
+        angles = torch.stack([dihedral_from_bonds(*vectors[:3]), dihedral_from_bonds(*vectors[3:])], 1)
+        angles = self._per_interaction_rows(angles)  # (M, 2, B)
+        size = self.map_size.to(coordinates.dtype)[:, None, None]
+        # Grid coordinates in [0, size); the clamp catches a remainder rounded up to 2 pi.
+        x = torch.remainder(angles, 2.0 * math.pi) / (2.0 * math.pi / size)
+        cell = torch.minimum(torch.floor(x.detach()), size - 1)
+        u = x - cell
+        powers = torch.stack([torch.ones_like(u), u, u * u, u * u * u], dim=-1)  # (M, 2, B, 4)
+        cell = cell.long()
+        patch = self.map_offset[:, None] + cell[:, 0] * self.map_size[:, None] + cell[:, 1]
+        c = self.coefficients.to(coordinates.dtype)[patch]  # (M, B, 4, 4)
+        energy = torch.einsum("mbij,mbi,mbj->b", c, powers[:, 0], powers[:, 1])
+        return {"cmap": energy}
 
 
 #: OpenMM force class -> bonded energy term built by its ``from_force``.

@@ -26,6 +26,7 @@ switching-function integral).
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 import openmm
@@ -33,7 +34,7 @@ import torch
 from openmm import unit
 from torch.utils.checkpoint import checkpoint
 
-from ._base import ONE_4PI_EPS0, EnergyTerm, displacement, keep_interactions
+from ._base import ONE_4PI_EPS0, EnergyTerm, batch_last, bond_vectors, dot, keep_interactions
 
 #: Nonbonded methods with a native implementation.
 NO_CUTOFF, CUTOFF_NON_PERIODIC, CUTOFF_PERIODIC = "NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic"
@@ -53,14 +54,18 @@ _EXCEPTION_UNITS = (unit.elementary_charge**2, unit.nanometer, unit.kilojoule_pe
 class Nonbonded(EnergyTerm):
     """Batched Lennard-Jones (``"lj"``) and Coulomb (``"coulomb"``) energies of an OpenMM NonbondedForce.
 
-    Build it with :meth:`from_force`.  Normal pairs are enumerated on the fly in blocks of rows of the
-    upper triangle (exception pairs and, in subsets, pairs outside the subset rule masked out), so no
-    ``O(n^2)`` pair list is stored.  With a cutoff, each block's distances are first computed without
-    gradient to select the pairs (configuration, i, j) inside the cutoff; the energy and its gradient are
-    then evaluated exactly on the selected pairs only (every pair takes part in every configuration
-    without a cutoff).  Once more than ``max_saved_pairs`` (configuration, pair) energies are kept for a
-    gradient, further blocks are checkpointed (recomputed in the backward pass), so memory stays bounded
-    rather than growing with the number of pairs.
+    Build it with :meth:`from_force`.  Pairs evaluated as plain Coulomb plus Lennard-Jones without cutoff
+    are *listed*: their atoms and coefficients are stored and evaluated in chunks of about
+    ``pair_block_size`` (configuration, pair) distances.  These are the exceptions and, for ``NoCutoff``
+    with at most ``pair_block_size`` atom pairs, all normal pairs as well (a small system's whole energy is
+    then a few gathers and elementwise operations).  Otherwise normal pairs are enumerated on the fly in
+    blocks of rows of the upper triangle (exception pairs and, in subsets, pairs outside the subset rule
+    masked out), so no ``O(n^2)`` pair list is stored.  With a cutoff, each block's distances are first
+    computed without gradient to select the pairs (configuration, i, j) inside the cutoff; the energy and
+    its gradient are then evaluated exactly on the selected pairs only (every pair takes part in every
+    configuration without a cutoff).  Once more than ``max_saved_pairs`` (configuration, pair) energies are
+    kept for a gradient, further chunks and blocks are checkpointed (recomputed in the backward pass), so
+    memory stays bounded rather than growing with the number of pairs.
 
     Parameters
     ----------
@@ -88,7 +93,8 @@ class Nonbonded(EnergyTerm):
         ``(L, n_atoms)`` bool: a normal pair ``(i, j)`` counts only if ``active[l, i] | active[l, j]`` for
         every ``l`` (one row per :meth:`subset`; no rows for a whole force).
     pair_block_size
-        Number of (configuration, pair) distances evaluated at a time.
+        Number of (configuration, pair) distances evaluated at a time; also the largest number of atom
+        pairs of a ``NoCutoff`` force that are listed.
     max_saved_pairs
         Number of (configuration, pair) energies whose intermediates are kept for the backward pass;
         beyond it, blocks are checkpointed (recomputed during the backward pass).  Together with
@@ -145,6 +151,20 @@ class Nonbonded(EnergyTerm):
                              torch.as_tensor(np.asarray(exception_params, dtype=np.float64).reshape(-1, 3)))
         active = np.zeros((0, self.n_atoms), dtype=bool) if active is None else np.asarray(active, dtype=bool)
         self.register_buffer("active", torch.as_tensor(active.reshape(-1, self.n_atoms)))
+
+        params = self.exception_params
+        listed_atoms = [self.exception_atoms]
+        listed = [torch.stack([ONE_4PI_EPS0 * params[:, 0], params[:, 1] ** 2, 4.0 * params[:, 2]])]
+        #: Whether the normal pairs are listed too (instead of enumerated in row blocks).
+        self.normal_pairs_listed = method == NO_CUTOFF and self.n_atoms * (self.n_atoms - 1) <= 2 * pair_block_size
+        if self.normal_pairs_listed:
+            i, j = self._pair_mask(0, self.n_atoms).nonzero(as_tuple=True)
+            listed_atoms.insert(0, torch.stack([i, j], dim=1))
+            listed.insert(0, self._normal_coefficients(i, j))
+        #: Listed pairs ``(P, 2)`` and their coefficients ``(3, P)``: Coulomb prefactor
+        #: ``ONE_4PI_EPS0 * chargeProd`` (kJ/mol nm), ``sigma^2`` (nm^2), ``4 epsilon`` (kJ/mol).
+        self.register_buffer("listed_atoms", torch.cat(listed_atoms))
+        self.register_buffer("listed_coefficients", torch.cat(listed, dim=1))
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -249,43 +269,63 @@ class Nonbonded(EnergyTerm):
         """
         if positions.ndim != 3 or positions.shape[1:] != (self.n_atoms, 3):
             raise ValueError(f"positions must have shape (B, {self.n_atoms}, 3); got {tuple(positions.shape)}")
+        return self.energy(batch_last(positions), box)
+
+    def energy(self, coordinates: torch.Tensor, box: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Lennard-Jones and Coulomb energies ``(B,)`` of coordinates ``(3, n_atoms, B)``; see :meth:`forward`."""
         if self.method == CUTOFF_PERIODIC:
             if box is None:
                 raise ValueError("a CutoffPeriodic NonbondedForce needs box vectors (B, 3, 3) in nm")
-            box = box.to(positions.dtype)
+            box = box.to(coordinates.dtype)
             diagonal = torch.diagonal(box, dim1=-2, dim2=-1)
             if bool((diagonal < 1.999999 * self.cutoff).any()):
                 raise ValueError(f"the periodic box is smaller than twice the nonbonded cutoff ({self.cutoff} nm)")
         else:
             box = None
-        n_batch = positions.shape[0]
-        lj = positions.new_zeros(n_batch)
-        coulomb = positions.new_zeros(n_batch)
-        blocks = self._row_blocks(n_batch)
-        skewed = box is not None and bool((box[:, 1, 0] != 0).any() or (box[:, 2, :2] != 0).any())
         differentiable = torch.is_grad_enabled() and (
-            positions.requires_grad or (box is not None and box.requires_grad))
+            coordinates.requires_grad or (box is not None and box.requires_grad))
+        lj = coulomb = coordinates.new_zeros(coordinates.shape[-1])
         saved = 0
-        for start, stop in blocks:
-            pairs = self._block_pairs(positions.detach(), None if box is None else box.detach(), skewed,
-                                      start, stop)
-            if pairs[1].numel() == 0:
-                continue
-            saved += pairs[1].numel() * (n_batch if pairs[0] is None else 1)
+        for size, function, *args in self._pieces(coordinates, box):
+            saved += size
             if differentiable and saved > self.max_saved_pairs:
-                lj_block, coulomb_block = checkpoint(self._pair_energy, positions, box, skewed, *pairs,
-                                                     use_reentrant=False)
+                lj_piece, coulomb_piece = checkpoint(function, *args, use_reentrant=False)
             else:
-                lj_block, coulomb_block = self._pair_energy(positions, box, skewed, *pairs)
-            lj = lj + lj_block
-            coulomb = coulomb + coulomb_block
-        if self.exception_atoms.shape[0]:
-            lj_exc, coulomb_exc = self._exception_energy(positions, box)
-            lj = lj + lj_exc
-            coulomb = coulomb + coulomb_exc
+                lj_piece, coulomb_piece = function(*args)
+            lj = lj + lj_piece
+            coulomb = coulomb + coulomb_piece
         if self.dispersion_coefficient:
             lj = lj + self.dispersion_coefficient / (box[:, 0, 0] * box[:, 1, 1] * box[:, 2, 2])
         return {"lj": lj, "coulomb": coulomb}
+
+    def _pieces(self, coordinates: torch.Tensor, box: torch.Tensor | None) -> Iterator[tuple]:
+        """The pair evaluations of one call, one at a time: ``(size, function, *args)``, ``function(*args)``
+        being the Lennard-Jones and Coulomb energies ``(B,)`` of ``size`` (about ``pair_block_size`` at
+        most) (configuration, pair) distances."""
+        n_batch = coordinates.shape[-1]
+        chunk = max(1, self.pair_block_size // n_batch)
+        listed_box = box if self.exceptions_periodic else None
+        for start in range(0, self.listed_atoms.shape[0], chunk):
+            atoms = self.listed_atoms[start:start + chunk]
+            yield (n_batch * atoms.shape[0], self._plain_energy, coordinates, listed_box, atoms,
+                   self.listed_coefficients[:, start:start + chunk])
+        if self.normal_pairs_listed:
+            return
+        if self.method == NO_CUTOFF:
+            for start, stop in self._row_blocks(n_batch):
+                i, j = self._pair_mask(start, stop).nonzero(as_tuple=True)
+                i, j = i + start, j + start
+                yield (n_batch * i.shape[0], self._plain_energy, coordinates, None, torch.stack([i, j], dim=1),
+                       self._normal_coefficients(i, j))
+            return
+        # Cutoff methods: components (B, 3, n) for the pair selection and the (configuration, i, j) gathers.
+        x = coordinates.permute(2, 0, 1).contiguous()
+        skewed = box is not None and bool((box[:, 1, 0] != 0).any() or (box[:, 2, :2] != 0).any())
+        for start, stop in self._row_blocks(n_batch):
+            config, i, j, shift = self._block_pairs(x.detach(), None if box is None else box.detach(), skewed,
+                                                    start, stop)
+            if config.numel():
+                yield config.shape[0], self._cutoff_energy, x, box, skewed, config, i, j, shift
 
     def _row_blocks(self, n_batch: int) -> list[tuple[int, int]]:
         """Ranges of first atoms ``[start, stop)`` whose pairs ``i < j`` fill about ``pair_block_size``."""
@@ -311,21 +351,16 @@ class Nonbonded(EnergyTerm):
         return mask
 
     @torch.no_grad()
-    def _block_pairs(self, positions: torch.Tensor, box: torch.Tensor | None, skewed: bool, start: int,
-                     stop: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Pairs of one row block to evaluate.
+    def _block_pairs(self, x: torch.Tensor, box: torch.Tensor | None, skewed: bool, start: int,
+                     stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pairs of one row block closer than the cutoff, from coordinates ``x (B, 3, n)``.
 
-        Returns ``(None, i, j, None)`` (every pair in every configuration) without a cutoff; else the flat
-        triples ``(configuration, i, j)`` closer than the cutoff and, with a box, their minimum-image
-        shifts ``(Q, 3)``: ``r_j - r_i - shift @ box`` is the vector of
+        Returns the flat triples ``(configuration, i, j)`` and, with a box, their minimum-image shifts
+        ``(Q, 3)``: ``r_j - r_i - shift @ box`` is the vector of
         :func:`~openmm_backmap.energy._base.minimum_image`.  ``skewed``: the box has off-diagonal elements.
         """
         mask = self._pair_mask(start, stop)
-        if self.method == NO_CUTOFF:
-            i, j = mask.nonzero(as_tuple=True)
-            return None, i + start, j + start, None
         # Components of r_j - r_i over the (B, rows, columns) block, each contiguous.
-        x = positions.transpose(1, 2)
         d = [x[:, k, None, start:] - x[:, k, start:stop, None] for k in range(3)]
         shifts = []
         if box is not None:
@@ -338,44 +373,43 @@ class Nonbonded(EnergyTerm):
         shift = torch.stack([s[config, i, j] for s in shifts], dim=-1) if shifts else None
         return config, i + start, j + start, shift
 
-    def _pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None, skewed: bool,
-                     config: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor, shift: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lennard-Jones and Coulomb energies ``(B,)`` of normal pairs (see :meth:`_block_pairs`)."""
-        dtype = positions.dtype
-        charge, sigma, epsilon = (getattr(self, name).to(dtype) for name in ("charge", "sigma", "epsilon"))
-        x = positions.transpose(1, 2)
-        if config is None:
-            d = [x[:, k, j] - x[:, k, i] for k in range(3)]
-        else:
-            d = [x[config, k, j] - x[config, k, i] for k in range(3)]
-            if shift is not None:
-                for m in range(3):
-                    for k in range(m + 1) if skewed else (m,):
-                        d[k] = d[k] - shift[:, m] * box[config, m, k]
-        r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-        lj = _lennard_jones(r2, 0.5 * (sigma[i] + sigma[j]), torch.sqrt(epsilon[i] * epsilon[j]))
-        inv_r = torch.rsqrt(r2)
-        charge_prod = ONE_4PI_EPS0 * charge[i] * charge[j]
-        if self.method == NO_CUTOFF:
-            return lj.sum(-1), (charge_prod * inv_r).sum(-1)
-        if self.switch_distance is not None:
-            x = ((r2 * inv_r - self.switch_distance) / (self.cutoff - self.switch_distance)).clamp(min=0.0)
-            lj = lj * (1.0 + x**3 * (-10.0 + x * (15.0 - 6.0 * x)))
-        coulomb = charge_prod * (inv_r + self.k_rf * r2 - self.c_rf)
-        zeros = positions.new_zeros(positions.shape[0])
-        return zeros.index_add(0, config, lj), zeros.index_add(0, config, coulomb)
+    def _normal_coefficients(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Coefficients ``(3, P)`` (as :attr:`listed_coefficients`) of normal pairs ``(i, j)``: products of
+        charges, Lorentz–Berthelot combined sigma and epsilon."""
+        return torch.stack([ONE_4PI_EPS0 * self.charge[i] * self.charge[j],
+                            (0.5 * (self.sigma[i] + self.sigma[j])) ** 2,
+                            4.0 * torch.sqrt(self.epsilon[i] * self.epsilon[j])])
 
-    def _exception_energy(self, positions: torch.Tensor, box: torch.Tensor | None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain Lennard-Jones and Coulomb energies ``(B,)`` of the exceptions (no cutoff)."""
-        params = self.exception_params.to(positions.dtype)
-        i, j = self.exception_atoms[:, 0], self.exception_atoms[:, 1]
-        d = displacement(positions, i, j, box if self.exceptions_periodic else None)
-        r2 = (d * d).sum(-1)
-        lj = _lennard_jones(r2, params[:, 1], params[:, 2])
-        coulomb = ONE_4PI_EPS0 * params[:, 0] * torch.rsqrt(r2)
-        return lj.sum(-1), coulomb.sum(-1)
+    @staticmethod
+    def _plain_energy(coordinates: torch.Tensor, box: torch.Tensor | None, atoms: torch.Tensor,
+                       coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain Lennard-Jones and Coulomb energies ``(B,)`` (no cutoff) of the pairs ``atoms (P, 2)`` with
+        coefficients ``(3, P)`` (see :attr:`listed_coefficients`); minimum image if ``box``."""
+        c = coefficients.to(coordinates.dtype)
+        d = bond_vectors(coordinates, atoms[:, 0], atoms[:, 1], box).unbind(0)
+        inv_r = torch.rsqrt(dot(d, d))
+        return c[2] @ _lennard_jones(inv_r.square(), c[1, :, None]), c[0] @ inv_r
+
+    def _cutoff_energy(self, x: torch.Tensor, box: torch.Tensor | None, skewed: bool, config: torch.Tensor,
+                       i: torch.Tensor, j: torch.Tensor, shift: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Switched Lennard-Jones and reaction-field Coulomb energies ``(B,)`` of the normal pairs
+        ``(config, i, j)`` of coordinates ``x (B, 3, n)`` selected by :meth:`_block_pairs`."""
+        c = self._normal_coefficients(i, j).to(x.dtype)
+        d = [x[config, k, j] - x[config, k, i] for k in range(3)]
+        if shift is not None:
+            for m in range(3):
+                for k in range(m + 1) if skewed else (m,):
+                    d[k] = d[k] - shift[:, m] * box[config, m, k]
+        r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        inv_r = torch.rsqrt(r2)
+        lj = c[2] * _lennard_jones(inv_r.square(), c[1])
+        if self.switch_distance is not None:
+            t = ((r2 * inv_r - self.switch_distance) / (self.cutoff - self.switch_distance)).clamp(min=0.0)
+            lj = lj * (1.0 + t**3 * (-10.0 + t * (15.0 - 6.0 * t)))
+        coulomb = c[0] * (inv_r + self.k_rf * r2 - self.c_rf)
+        zeros = x.new_zeros(x.shape[0])
+        return zeros.index_add(0, config, lj), zeros.index_add(0, config, coulomb)
 
     # -- restriction -----------------------------------------------------------------------------------
     def subset(self, new_index: np.ndarray, in_subset: np.ndarray) -> "Nonbonded | None":
@@ -427,10 +461,10 @@ class Nonbonded(EnergyTerm):
         return term.to(device=self.charge.device, dtype=self.charge.dtype)
 
 
-def _lennard_jones(r2: torch.Tensor, sigma: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
-    """``4 eps ((s/r)^12 - (s/r)^6)`` in kJ/mol from squared distances ``r2`` (nm^2)."""
-    s6 = (sigma * sigma / r2) ** 3
-    return 4.0 * epsilon * (s6 * s6 - s6)
+def _lennard_jones(inv_r2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """``(s/r)^12 - (s/r)^6`` (times ``4 epsilon``: the Lennard-Jones energy) from ``1/r^2`` and ``s^2``."""
+    s6 = (sigma2 * inv_r2) ** 3
+    return s6 * s6 - s6
 
 
 def dispersion_coefficient(sigma: np.ndarray, epsilon: np.ndarray, cutoff: float,
