@@ -163,6 +163,13 @@ def test_save_load_roundtrip_and_refusals(ala2_cg, trained, tmp_path):
         create_force(potential, backend="jax")
 
 
+def test_default_trainer_has_a_network_and_none_means_priors_only(ala2_cg):
+    mapping, cg = ala2_cg
+    assert ForceMatchingTrainer(mapping, cg).network["hidden"] == 64
+    assert ForceMatchingTrainer(mapping, cg, network=None).network is None
+    assert ForceMatchingTrainer(mapping, cg, network={"hidden": 8}).network["n_interactions"] == 3
+
+
 def test_trainer_refuses_bad_data(ala2_cg, tmp_path):
     mapping, cg = ala2_cg
     other = CGMapping.from_preset(mapping.aa_topology, "ca")

@@ -42,8 +42,8 @@ class ForceMatchingTrainer:
     dataset
         A :class:`~openmm_backmap.data.CGDataset` or its path (from :func:`~openmm_backmap.mapping.map_dataset`).
     network
-        SchNet hyperparameters (``hidden``, ``n_rbf``, ``cutoff_nm``, ``n_interactions``), or ``None`` for a
-        priors-only model.
+        SchNet hyperparameters (``hidden``, ``n_rbf``, ``cutoff_nm``, ``n_interactions``; missing keys take
+        :data:`DEFAULT_NETWORK`), or ``None`` for a priors-only model.
     priors
         Options of the Boltzmann-inversion prior fit.
     energy_weight
@@ -73,7 +73,7 @@ class ForceMatchingTrainer:
         mapping: Any,
         dataset: Any,
         *,
-        network: Optional[dict] = None,
+        network: Optional[dict] = DEFAULT_NETWORK,
         priors: Optional[dict] = None,
         energy_weight: float = 0.0,
         temperature_K: Optional[float] = None,
