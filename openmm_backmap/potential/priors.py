@@ -40,6 +40,7 @@ import scipy.sparse as sp
 import torch
 
 from .._validation import as_box_vectors, as_coordinates, strip_unit
+from .neighbors import minimum_image
 
 try:
     from openmm import unit as _unit
@@ -74,14 +75,6 @@ _CHUNK_ELEMENTS = 1 << 21
 
 
 # --------------------------------------------------------------------------------------------- geometry
-def _minimum_image(delta: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """Minimum images of displacements ``delta (B, M, 3)`` in a reduced triclinic ``box (B, 3, 3)``."""
-    for k in [2, 1, 0]:
-        vector = box[:, k:k + 1, :]
-        delta = delta - vector * torch.round(delta[:, :, k:k + 1] / vector[:, :, k:k + 1])
-    return delta
-
-
 def _chain_vectors(positions: torch.Tensor, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
     """Vectors ``(B, M, w - 1, 3)`` from each bead of the chains ``atoms (M, w)`` to the next bead."""
     n_frames = positions.shape[0]
@@ -93,7 +86,7 @@ def _chain_vectors(positions: torch.Tensor, atoms: torch.Tensor, box: Optional[t
     if cell.dim() == 2:
         cell = cell.unsqueeze(0).expand(n_frames, 3, 3)
     shape = delta.shape
-    return _minimum_image(delta.reshape(n_frames, -1, 3), cell).reshape(shape)
+    return minimum_image(delta.reshape(n_frames, -1, 3), cell[:, None]).reshape(shape)
 
 
 def _distances(positions: torch.Tensor, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
