@@ -34,11 +34,11 @@ from openmm_backmap.reporters import CGRunGuard, SimulationBlowUp  # noqa: E402
 PHI, PSI = [0, 1, 2, 4], [1, 2, 4, 5]  # backbone-cb beads: ACE C, N, CA, CB, C, NME N
 
 
-def run_cg(mapping, potential, starts, n_steps, dt_fs, report_every, seed):
+def run_cg(mapping, potential, starts, n_steps, dt_fs, report_every, seed, temperature_K=300.0):
     """Independent replicas (copies in one System); returns frames (n_reports, replicas, 6, 3), info."""
     n_rep = len(starts)
     system = create_cg_system(mapping, potential, n_copies=n_rep)
-    integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, dt_fs * u.femtosecond)
+    integrator = openmm.LangevinMiddleIntegrator(temperature_K * u.kelvin, 1 / u.picosecond, dt_fs * u.femtosecond)
     integrator.setRandomNumberSeed(seed)
     top = app.Topology()
     for _ in range(n_rep):
@@ -48,7 +48,7 @@ def run_cg(mapping, potential, starts, n_steps, dt_fs, report_every, seed):
             top.addAtom(name, app.Element.getBySymbol("C"), res)
     sim = app.Simulation(top, system, integrator, openmm.Platform.getPlatformByName("Reference"))
     sim.context.setPositions(np.concatenate(starts))
-    sim.context.setVelocitiesToTemperature(300 * u.kelvin, seed)
+    sim.context.setVelocitiesToTemperature(temperature_K * u.kelvin, seed)
     guard = CGRunGuard(1000, max_temperature_K=1500)
     sim.reporters.append(guard)
     frames, temps, blew = [], [], None

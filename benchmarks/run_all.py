@@ -20,6 +20,7 @@ SECTIONS = {
     "liquid_density": "Liquid densities under NPT vs experiment (issue 2)",
     "energy": "AAEnergy vs OpenMM (issue 3)",
     "cg_alanine": "Force-matched CG alanine dipeptide: quality (issue 4)",
+    "cg_chignolin": "Force-matched CG chignolin: stability and distances (issue 4)",
     "cg_speed": "CG alanine dipeptide in OpenMM: speed (issue 4)",
 }
 
