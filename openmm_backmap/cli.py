@@ -95,7 +95,7 @@ def cmd_map(cfg: dict[str, Any]) -> Path:
 
 
 def cmd_demo(cfg: dict[str, Any]) -> Path:
-    """The main job: alanine-dipeptide reference data -> CG mapping -> summary."""
+    """The main job (for now): alanine-dipeptide reference data -> CG mapping -> summary."""
     from .summary import dataset_summary
 
     out = Path(cfg["out"])
@@ -194,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output CG HDF5 file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
-    p = add("demo", "The whole pipeline on alanine dipeptide with quick default settings.")
+    p = add("demo", "Alanine dipeptide: AA reference data with forces -> backbone-cb CG data -> summary and plots.")
     p.add_argument("--out", help="output folder (default: output/demo)")
     p.add_argument("--ns", type=float, help="length of the AA reference run in ns (default: 1)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
