@@ -8,21 +8,8 @@ import torch
 from openmm_backmap import systems
 from openmm_backmap.energy import AAEnergy
 
-KJ = u.kilojoule_per_mole
-KJ_NM = KJ / u.nanometer
+from helpers import openmm_reference
 
-
-def _reference(system, positions, box=None):
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
-    energies, forces = [], []
-    for b in range(len(positions)):
-        if box is not None:
-            ctx.setPeriodicBoxVectors(*box[b])
-        ctx.setPositions(positions[b])
-        s = ctx.getState(getEnergy=True, getForces=True)
-        energies.append(s.getPotentialEnergy().value_in_unit(KJ))
-        forces.append(s.getForces(asNumpy=True).value_in_unit(KJ_NM))
-    return np.array(energies), np.array(forces)
 
 
 def _configs(ts, batch=3, sigma=0.01, seed=1):
@@ -55,10 +42,10 @@ def case(request):
     return request.param, ts, x, _box(ts, len(x))
 
 
-def test_energy_and_forces_match_openmm_reference(case):
+def test_energy_and_forces_match_openmmopenmm_reference(case):
     name, ts, x, box = case
     energy = AAEnergy(ts.system)
-    ref_e, ref_f = _reference(ts.system, x, box)
+    ref_e, ref_f = openmm_reference(ts.system, x, box)
     tbox = None if box is None else torch.tensor(box)
     e, f = energy.energy_and_forces(torch.tensor(x), tbox)
     pme = box is not None
@@ -100,7 +87,7 @@ def test_subset_and_complement_add_up_to_openmm_total():
     ts = systems.chignolin("vacuum")
     energy = AAEnergy(ts.system, bridge=False)
     x = _configs(ts, batch=2)
-    ref_e, _ = _reference(ts.system, x)
+    ref_e, _ = openmm_reference(ts.system, x)
     n = ts.system.getNumParticles()
     rng = np.random.default_rng(3)
     sub = np.sort(rng.choice(n, size=40, replace=False))
@@ -124,7 +111,7 @@ def test_solute_of_explicit_water_system_is_the_vacuum_energy():
     solute_energy, solute = energy.solute(wet.topology)
     assert len(solute) == 22 and not solute_energy.periodic
     x = _configs(wet, batch=2)[:, solute]
-    ref_e, ref_f = _reference(dry.system, x)
+    ref_e, ref_f = openmm_reference(dry.system, x)
     e, f = solute_energy.energy_and_forces(torch.tensor(x))
     np.testing.assert_allclose(e.numpy(), ref_e, rtol=1e-9)
     np.testing.assert_allclose(f.numpy(), ref_f, atol=1e-6)

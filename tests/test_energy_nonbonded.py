@@ -1,7 +1,6 @@
 """Native NonbondedForce term: Lennard-Jones and Coulomb energies against OpenMM's Reference platform."""
 import numpy as np
 import openmm
-import openmm.unit as u
 import pytest
 import torch
 
@@ -9,8 +8,8 @@ from openmm_backmap import systems
 from openmm_backmap.energy._base import ONE_4PI_EPS0
 from openmm_backmap.energy.nonbonded import Nonbonded
 
-KJ = u.kilojoule_per_mole
-KJ_NM = KJ / u.nanometer
+from helpers import openmm_reference
+
 NB = openmm.NonbondedForce
 
 
@@ -33,16 +32,7 @@ def _reference(force, positions, box=None):
     if box is not None:
         system.setDefaultPeriodicBoxVectors(*box[0])
     system.addForce(_copy(force))
-    ctx = openmm.Context(system, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
-    energies, forces = [], []
-    for b in range(len(positions)):
-        if box is not None:
-            ctx.setPeriodicBoxVectors(*box[b])
-        ctx.setPositions(positions[b])
-        state = ctx.getState(getEnergy=True, getForces=True)
-        energies.append(state.getPotentialEnergy().value_in_unit(KJ))
-        forces.append(state.getForces(asNumpy=True).value_in_unit(KJ_NM))
-    return np.array(energies), np.array(forces)
+    return openmm_reference(system, positions, box)
 
 
 def _native(term, positions, box=None, dtype=torch.float64):
