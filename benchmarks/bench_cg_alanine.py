@@ -51,7 +51,7 @@ def run_cg(mapping, potential, starts, n_steps, dt_fs, report_every, seed, tempe
     sim.context.setVelocitiesToTemperature(temperature_K * u.kelvin, seed)
     guard = CGRunGuard(1000, max_temperature_K=1500)
     sim.reporters.append(guard)
-    frames, temps, blew = [], [], None
+    frames, blew = [], None
     t0 = time.perf_counter()
     try:
         for _ in range(n_steps // report_every):

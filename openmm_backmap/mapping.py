@@ -43,7 +43,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import mdtraj as md
 import numpy as np
@@ -56,6 +56,9 @@ from scipy.sparse.csgraph import connected_components
 
 from ._topology import topology_fingerprint
 from ._validation import as_box_vectors, as_coordinates, strip_unit
+
+if TYPE_CHECKING:  # data sits upstream of mapping; imported lazily at run time
+    from .data import AADataset
 
 __all__ = [
     "Bead",

@@ -1,6 +1,5 @@
 """AAEnergy against OpenMM's Reference platform on whole test systems."""
 import numpy as np
-import openmm
 import openmm.unit as u
 import pytest
 import torch

@@ -3,7 +3,6 @@ import pickle
 
 import numpy as np
 import openmm
-import openmm.app as app
 import openmm.unit as u
 import pytest
 import torch
