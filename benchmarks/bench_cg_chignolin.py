@@ -91,8 +91,8 @@ def main() -> None:
             md.append(f"| {label} | {r['blow_up']} | – | – | – |")
     md.append(f"\nValidation force MSE: priors only {full.metadata.get('priors_only_val_force_mse', float('nan')):.0f}, "
               f"priors + SchNet {full.metadata.get('val_force_mse', float('nan')):.0f} (kJ/mol/nm)²; wall time "
-              f"{time.perf_counter() - t_start:.0f} s. A 10 ns reference from an extended chain does not sample "
-              "chignolin's folding equilibrium; the comparison is with the sampled ensemble.\n")
+              f"{time.perf_counter() - t_start:.0f} s. A {args.aa_ns} ns reference from an extended chain does not "
+              "sample chignolin's folding equilibrium; the comparison is with the sampled ensemble.\n")
     save("cg_chignolin", {"settings": vars(args) | {"work": str(args.work)}, "results": results}, "\n".join(md))
 
 
