@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ._physics import BOLTZMANN_KJ_MOL_K
+
 
 def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
     """Jensen–Shannon divergence (nats) of two histograms (normalised here; empty bins allowed)."""
@@ -60,7 +62,7 @@ def free_energy_surface(phi, psi, *, temperature_K: float = 300.0, bins: int = 3
     edges = np.linspace(-np.pi, np.pi, bins + 1)
     h, _, _ = np.histogram2d(np.ravel(phi), np.ravel(psi), bins=[edges, edges], density=True)
     with np.errstate(divide="ignore"):
-        f = -0.00831446261815324 * temperature_K * np.log(h)
+        f = -BOLTZMANN_KJ_MOL_K * temperature_K * np.log(h)
     return f - f[np.isfinite(f)].min(), edges
 
 

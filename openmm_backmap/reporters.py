@@ -10,8 +10,8 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
-#: Boltzmann constant, kJ/mol/K.
-KB = 0.00831446261815324
+from ._physics import BOLTZMANN_KJ_MOL_K, degrees_of_freedom
+
 
 
 class SimulationBlowUp(RuntimeError):
@@ -68,20 +68,13 @@ class CGRunGuard:
         steps = self._interval - simulation.currentStep % self._interval
         return {"steps": steps, "periodic": False, "include": ["positions", "velocities", "energy"]}
 
-    def _degrees_of_freedom(self, system: openmm.System) -> int:
-        dof = sum(3 for i in range(system.getNumParticles()) if system.getParticleMass(i) > 0 * unit.amu)
-        dof -= system.getNumConstraints()
-        if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
-            dof -= 3
-        return max(dof, 1)
-
     def report(self, simulation: app.Simulation, state: openmm.State) -> None:
         if self._dof is None:
-            self._dof = self._degrees_of_freedom(simulation.system)
+            self._dof = degrees_of_freedom(simulation.system)
         step = simulation.currentStep
         energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
         kinetic = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
-        temperature = 2 * kinetic / (self._dof * KB)
+        temperature = 2 * kinetic / (self._dof * BOLTZMANN_KJ_MOL_K)
         positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         problem = None
         if not np.isfinite(energy) or not np.isfinite(positions).all():

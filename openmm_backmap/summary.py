@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import openmm
 
+from ._physics import BOLTZMANN_KJ_MOL_K, degrees_of_freedom
 from .data import AADataset, CGDataset
 
-#: Boltzmann constant in kJ/mol/K.
-KB = 0.00831446261815324
 
 
 def kinetic_temperature(dataset: AADataset, chunk: int = 2048) -> np.ndarray:
@@ -20,17 +18,13 @@ def kinetic_temperature(dataset: AADataset, chunk: int = 2048) -> np.ndarray:
     Degrees of freedom: 3 per massive particle, minus constraints, minus 3 if the system removes
     centre-of-mass motion.
     """
-    system = dataset.system
-    masses = np.array([system.getParticleMass(i)._value for i in range(system.getNumParticles())])
-    massive = masses > 0
-    dof = 3 * massive.sum() - system.getNumConstraints()
-    if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
-        dof -= 3
+    dof = degrees_of_freedom(dataset.system)
+    masses = np.array([dataset.system.getParticleMass(i)._value for i in range(dataset.n_atoms)])
     out = []
     for start in range(0, dataset.n_frames, chunk):
         v = dataset.velocities[start: start + chunk].astype(np.float64)
         ke = 0.5 * np.einsum("i,fij->f", masses, v**2)
-        out.append(2 * ke / (dof * KB))
+        out.append(2 * ke / (dof * BOLTZMANN_KJ_MOL_K))
     return np.concatenate(out) if out else np.zeros(0)
 
 

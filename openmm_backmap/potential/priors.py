@@ -39,6 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._physics import BOLTZMANN_KJ_MOL_K
 from .._validation import as_box_vectors, as_coordinates, strip_unit
 from .neighbors import minimum_image
 
@@ -61,9 +62,6 @@ __all__ = [
     "prior_from_dict",
     "prior_to_dict",
 ]
-
-#: Boltzmann constant in kJ mol^-1 K^-1 (k_B N_A, exact in the 2019 SI).
-BOLTZMANN_KJ_MOL_K = 0.00831446261815324
 
 #: Prior terms :func:`fit_priors` can fit, in the order it returns them.
 TERMS = ("bonds", "angles", "dihedrals", "excluded_volume")
