@@ -504,8 +504,21 @@ class CGMapping:
             The file is not a mapping file, has an unsupported version, is malformed, or was made for
             another topology (different atom count or fingerprint).
         """
-        source = str(path)
-        doc = _read_yaml(Path(path))
+        return cls._from_doc(_read_yaml(Path(path)), topology, str(path))
+
+    @classmethod
+    def from_yaml(cls, text: str, topology: AnyTopology, *, source: str = "<yaml>") -> "CGMapping":
+        """Read a map from YAML text (as written by :meth:`to_yaml`) for ``topology``; see :meth:`load`."""
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ValueError(f"{source}: expected a YAML mapping at the top level")
+        return cls._from_doc(doc, topology, source)
+
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any], topology: AnyTopology, source: str) -> "CGMapping":
         _check_format(doc, FORMAT, FORMAT_VERSION, source)
         missing = [key for key in ("weights", "n_atoms", "topology_fingerprint", "beads") if key not in doc]
         if missing:

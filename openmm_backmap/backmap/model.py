@@ -1,0 +1,420 @@
+"""The temporally coherent backmapper: a conditional VAE per unit kind, in frames aligned to the CG beads.
+
+Representation (our choice; seed 003 used one voxel channel per atom of the whole molecule, which does not scale
+to liquids): the system is split into units (molecules, see :mod:`._layout`); every unit is expressed in its own
+local frame (origin at its bead centroid, axes from the beads, or from the previous AA frame for units with fewer
+than three beads). In that frame the decoder sees
+
+* the current beads, as deviations from the kind's bead template,
+* the unit's previous AA frame, as deviations from the kind's atom template (absent in the frame-based baseline),
+* a latent vector ``z``,
+
+and returns the current atoms as deviations from the atom template. Canonical frames make the model invariant to
+rotations and translations of the whole unit without an equivariant network; weights are shared by all units
+of a kind, so a box of any size is backmapped by the same model with work linear in the number of molecules.
+The encoder (training only) also sees the current atoms and returns the posterior of ``z``.
+
+Inference draws ``z`` from a Gaussian mixture fitted to the encoder's posterior means (seed 003, §8.1.1) and
+backmaps autoregressively; the first AA frame comes from a library of training frames, picked per unit by the
+CG RMSD after optimal superposition (or given by the user).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._topology import topology_from_json, topology_to_json
+from ._layout import UnitKind, UnitLayout, kabsch, minimum_image, random_rotations, whole
+
+FORMAT = "openmm-backmap/backmapper"
+FORMAT_VERSION = 1
+
+#: Default architecture (constructor arguments of :class:`TemporalBackmapper`).
+DEFAULT_ARCHITECTURE = {"latent_dim": 16, "hidden": 256, "n_layers": 3, "condition_on_previous": True,
+                        "length_scale_nm": 0.1}
+
+
+def _mlp(n_in: int, hidden: int, n_out: int, n_layers: int, zero_last: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = n_in
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    last = nn.Linear(width, n_out)
+    if zero_last:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    layers.append(last)
+    return nn.Sequential(*layers)
+
+
+class KindModel(nn.Module):
+    """Encoder, decoder, templates, latent mixture and frame library of one unit kind."""
+
+    def __init__(self, n_atoms: int, n_beads: int, latent_dim: int, hidden: int, n_layers: int,
+                 condition_on_previous: bool, n_mixture: int = 10, library_size: int = 0) -> None:
+        super().__init__()
+        self.n_atoms, self.n_beads, self.latent_dim = n_atoms, n_beads, latent_dim
+        self.condition_on_previous = condition_on_previous
+        n_cond = 3 * n_beads + (3 * n_atoms if condition_on_previous else 0)
+        self.encoder = _mlp(3 * n_atoms + n_cond, hidden, 2 * latent_dim, n_layers)
+        self.decoder = _mlp(n_cond + latent_dim, hidden, 3 * n_atoms, n_layers, zero_last=True)
+        if condition_on_previous:
+            # Direct path from the previous frame (in the current local frame) with a per-coordinate gain in (0, 1):
+            # starts near "copy the previous frame", and being a contraction it cannot amplify errors from step to
+            # step in the autoregressive rollout.
+            self.gate = nn.Parameter(torch.full((3 * n_atoms,), 2.0))
+        # Buffers filled by the trainer (templates, mixture, library) and saved with the weights.
+        self.register_buffer("atom_template", torch.zeros(n_atoms, 3))
+        self.register_buffer("bead_template", torch.zeros(n_beads, 3))
+        self.register_buffer("bead_weights", torch.zeros(n_beads, n_atoms))
+        self.register_buffer("mixture_weights", torch.full((n_mixture,), 1.0 / n_mixture))
+        self.register_buffer("mixture_means", torch.zeros(n_mixture, latent_dim))
+        self.register_buffer("mixture_scale_tril", torch.eye(latent_dim).repeat(n_mixture, 1, 1))
+        self.register_buffer("library_atoms", torch.zeros(library_size, n_atoms, 3))
+        self.register_buffer("library_beads", torch.zeros(library_size, n_beads, 3))
+
+    # -- frames ----------------------------------------------------------------------------------------
+    def local_frames(self, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
+                     generator: Optional[torch.Generator] = None):
+        """Origins ``(U, 3)``, rotations ``(U, 3, 3)`` (local → global: ``x @ Q.T``), local beads and local previous
+        atoms (imaged next to the current beads) of ``U`` units. Coordinates in nm."""
+        beads = whole(beads, box)
+        origin = beads.mean(dim=1)
+        if previous is not None:
+            previous = self._imaged(previous, origin, box)
+        if self.n_beads >= 3:
+            rot = kabsch(self.bead_template.to(beads.dtype).expand(len(beads), -1, -1), beads - origin.unsqueeze(1))
+        elif previous is not None:
+            tpl = self.atom_template.to(beads.dtype)
+            rot = kabsch((tpl - tpl.mean(0)).expand(len(beads), -1, -1), previous - previous.mean(1, keepdim=True))
+        else:
+            if generator is None:
+                raise ValueError("units with fewer than 3 beads need the previous AA frame for their orientation")
+            rot = random_rotations(len(beads), generator, beads.dtype)
+        local_beads = (beads - origin.unsqueeze(1)) @ rot
+        local_previous = previous @ rot if previous is not None else None
+        return origin, rot, local_beads, local_previous
+
+    def _imaged(self, atoms: torch.Tensor, origin: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
+        """Atoms ``(U, n, 3)`` made whole, at the periodic image whose bead centroid is nearest ``origin``, minus
+        ``origin``."""
+        atoms = whole(atoms, box)
+        centre = (self.bead_weights.to(atoms.dtype) @ atoms).mean(dim=1)
+        delta = centre - origin
+        atoms = atoms + (minimum_image(delta, box) - delta).unsqueeze(1)
+        return atoms - origin.unsqueeze(1)
+
+    def to_local(self, atoms: torch.Tensor, origin: torch.Tensor, rot: torch.Tensor,
+                 box: Optional[torch.Tensor]) -> torch.Tensor:
+        """Atoms ``(U, n, 3)`` (nm, global) in the local frames ``(origin, rot)`` of their units."""
+        return self._imaged(atoms, origin, box) @ rot
+
+    def condition(self, local_beads: torch.Tensor, local_previous: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        parts = [((local_beads - self.bead_template) / scale).flatten(1)]
+        if self.condition_on_previous:
+            if local_previous is None:
+                raise ValueError("this backmapper is conditioned on the previous AA frame, but none was given")
+            parts.append(((local_previous - self.atom_template) / scale).flatten(1))
+        return torch.cat(parts, dim=1)
+
+    #: Inputs are squashed smoothly into ±CLAMP (in units of the length scale) so that no input, however far
+    #: off, gives an unbounded output: with the contracting direct path this bounds every autoregressive rollout.
+    CLAMP = 20.0
+
+    def _squash(self, x: torch.Tensor) -> torch.Tensor:
+        return self.CLAMP * torch.tanh(x / self.CLAMP)
+
+    def encode(self, local_atoms: torch.Tensor, cond: torch.Tensor, scale: float):
+        out = self.encoder(self._squash(torch.cat([((local_atoms - self.atom_template) / scale).flatten(1), cond],
+                                                  dim=1)))
+        mu, logvar = out.chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 6.0)
+
+    def decode(self, cond: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+        """Local atom positions in nm, ``(U, n_atoms, 3)``."""
+        dev = self.decoder(torch.cat([self._squash(cond), z], dim=1))
+        if self.condition_on_previous:
+            prev_dev = self._squash(cond[:, 3 * self.n_beads:])
+            dev = dev + torch.sigmoid(self.gate) * prev_dev
+        return self.atom_template + scale * dev.view(-1, self.n_atoms, 3)
+
+    def sample_latent(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        comp = torch.multinomial(self.mixture_weights.double().cpu(), n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
+        tril = self.mixture_scale_tril.double().cpu()[comp]
+        z = self.mixture_means.double().cpu()[comp] + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+        return z.to(self.mixture_means.dtype)
+
+    # -- library ---------------------------------------------------------------------------------------
+    def library_lookup(self, beads: torch.Tensor, box: Optional[torch.Tensor], generator: torch.Generator,
+                       chunk: int = 200_000) -> torch.Tensor:
+        """Atoms ``(U, n_atoms, 3)`` in nm: for every unit the library frame with the lowest CG RMSD after optimal
+        superposition, superposed onto the unit's beads. One-bead units get a random entry and orientation."""
+        if len(self.library_atoms) == 0:
+            raise ValueError("this backmapper has no frame library; give the first AA frame explicitly")
+        dtype = beads.dtype
+        beads = whole(beads, box)
+        origin = beads.mean(dim=1)
+        centred = beads - origin.unsqueeze(1)
+        lib_beads = self.library_beads.to(dtype)
+        lib_atoms = self.library_atoms.to(dtype)
+        n_units, n_lib = len(beads), len(lib_beads)
+        if self.n_beads == 1:
+            pick = torch.randint(n_lib, (n_units,), generator=generator)
+            rot = random_rotations(n_units, generator, dtype)
+        else:
+            lib_c = lib_beads - lib_beads.mean(dim=1, keepdim=True)
+            best = torch.full((n_units,), float("inf"), dtype=dtype)
+            pick = torch.zeros(n_units, dtype=torch.long)
+            per = max(1, chunk // n_lib)
+            for start in range(0, n_units, per):
+                cur = centred[start:start + per]
+                src = lib_c.unsqueeze(0).expand(len(cur), -1, -1, -1)
+                tgt = cur.unsqueeze(1).expand(-1, n_lib, -1, -1)
+                q = kabsch(src, tgt)
+                err = ((src @ q.transpose(-1, -2) - tgt) ** 2).sum(dim=(-1, -2))
+                val, idx = err.min(dim=1)
+                best[start:start + per], pick[start:start + per] = val, idx
+            rot = kabsch(lib_c[pick], centred)
+        atoms = lib_atoms[pick] - lib_beads[pick].mean(dim=1, keepdim=True)
+        return origin.unsqueeze(1) + atoms @ rot.transpose(-1, -2)
+
+
+class TemporalBackmapper(nn.Module):
+    """A trained backmapper (see the module docstring). Build one with
+    :class:`~openmm_backmap.backmap.BackmapperTrainer`; load one with :meth:`load`.
+
+    Parameters
+    ----------
+    mapping
+        The :class:`~openmm_backmap.mapping.CGMapping` it backmaps.
+    latent_dim, hidden, n_layers
+        Size of the latent space and of the encoder/decoder MLPs.
+    condition_on_previous
+        Whether the decoder sees the previous AA frame (``False`` is the frame-based baseline).
+    length_scale_nm
+        Coordinates enter the networks in units of this length (nm).
+    n_mixture, library_size
+        Components of the latent Gaussian mixture; number of library frames per kind.
+    lag_ps
+        Time between the two frames of a training pair (ps), recorded so a reporter can warn on a mismatch.
+    metadata
+        Free-form JSON-able information (training settings, data provenance).
+    """
+
+    def __init__(self, mapping, *, latent_dim: int = 16, hidden: int = 256, n_layers: int = 3,
+                 condition_on_previous: bool = True, length_scale_nm: float = 0.1, n_mixture: int = 10,
+                 library_size: int = 2000, lag_ps: float = 0.0, metadata: Optional[dict] = None) -> None:
+        super().__init__()
+        self.mapping = mapping
+        self.layout = UnitLayout(mapping)
+        self.config = {"latent_dim": int(latent_dim), "hidden": int(hidden), "n_layers": int(n_layers),
+                       "condition_on_previous": bool(condition_on_previous),
+                       "length_scale_nm": float(length_scale_nm), "n_mixture": int(n_mixture),
+                       "library_size": int(library_size), "lag_ps": float(lag_ps)}
+        self.metadata = dict(metadata or {})
+        self.kinds = nn.ModuleList(
+            KindModel(k.n_atoms, k.n_beads, latent_dim, hidden, n_layers, condition_on_previous, n_mixture,
+                      library_size) for k in self.layout.kinds)
+        for kind, model in zip(self.layout.kinds, self.kinds):
+            model.bead_weights.copy_(torch.as_tensor(kind.weights))
+        out = self.layout.output_index
+        self._unit_atoms = [torch.as_tensor(out[k.atom_index]) for k in self.layout.kinds]
+        self._unit_beads = [torch.as_tensor(k.bead_index) for k in self.layout.kinds]
+
+    # -- description -----------------------------------------------------------------------------------
+    @property
+    def condition_on_previous(self) -> bool:
+        return self.config["condition_on_previous"]
+
+    @property
+    def lag_ps(self) -> float:
+        return self.config["lag_ps"]
+
+    @property
+    def length_scale(self) -> float:
+        return self.config["length_scale_nm"]
+
+    @property
+    def n_beads(self) -> int:
+        return self.mapping.n_beads
+
+    @property
+    def n_atoms(self) -> int:
+        """Number of atoms in the backmapped output."""
+        return len(self.layout.atoms)
+
+    @property
+    def bead_names(self) -> list[str]:
+        return self.mapping.bead_names
+
+    @property
+    def bead_types(self) -> list[str]:
+        return self.mapping.bead_types
+
+    @property
+    def atom_indices(self) -> np.ndarray:
+        """Indices into the mapping's AA topology of the output atoms."""
+        return self.layout.atoms
+
+    @property
+    def topology(self):
+        """``openmm.app.Topology`` of the output atoms (the AA molecules that hold beads)."""
+        full = self.mapping.aa_topology
+        sub = full.subset(self.layout.atoms) if len(self.layout.atoms) != full.n_atoms else full
+        top = sub.to_openmm()
+        box = getattr(self.mapping, "_box", None)
+        if box is not None:
+            top.setPeriodicBoxVectors(box)
+        return top
+
+    @property
+    def mdtraj_topology(self):
+        import mdtraj as md
+
+        return md.Topology.from_openmm(self.topology)
+
+    def check_cg(self, n_particles: int, particle_names: Optional[Sequence[str]] = None, source: str = "the CG system"):
+        """Raise ``ValueError`` unless ``n_particles`` beads (with these names, if given) match this backmapper."""
+        if n_particles != self.n_beads:
+            raise ValueError(f"{source} has {n_particles} particles but the backmapper was trained for "
+                             f"{self.n_beads} beads ({self.layout.describe()})")
+        if particle_names is not None:
+            names = list(particle_names)
+            if names != list(self.bead_names):
+                bad = next(i for i, (a, b) in enumerate(zip(names, self.bead_names)) if a != b)
+                raise ValueError(f"{source}: particle {bad} is named {names[bad]!r} but the backmapper expects "
+                                 f"bead {self.bead_names[bad]!r} there; the CG topology does not match its mapping")
+
+    def check_mapping(self, mapping) -> None:
+        if mapping.topology_fingerprint != self.mapping.topology_fingerprint or \
+                mapping.to_yaml() != self.mapping.to_yaml():
+            raise ValueError("this backmapper was trained for another mapping (different AA topology or beads)")
+
+    # -- the model -------------------------------------------------------------------------------------
+    def gather(self, k: int, beads: torch.Tensor, atoms: Optional[torch.Tensor]):
+        """Units of kind ``k`` from frames: beads ``(B, n_beads, 3)`` → ``(B*U, nb, 3)``; output atoms likewise."""
+        ub = beads[:, self._unit_beads[k]].flatten(0, 1)
+        ua = atoms[:, self._unit_atoms[k]].flatten(0, 1) if atoms is not None else None
+        return ub, ua
+
+    def scatter(self, k: int, out: torch.Tensor, unit_atoms: torch.Tensor) -> None:
+        idx = self._unit_atoms[k]
+        out[:, idx] = unit_atoms.view(out.shape[0], *idx.shape, 3).to(out.dtype)
+
+    @torch.no_grad()
+    def decode_frames(self, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
+                      generator: torch.Generator) -> torch.Tensor:
+        """One autoregressive step for ``B`` independent frames: beads ``(B, n_beads, 3)``, previous output atoms
+        ``(B, n_atoms, 3)`` (or ``None`` for the frame-based model), boxes ``(B, 3, 3)`` or ``None``; nm, float64.
+        Returns ``(B, n_atoms, 3)`` nm."""
+        n_frames = beads.shape[0]
+        out = torch.zeros(n_frames, self.n_atoms, 3, dtype=beads.dtype)
+        for k, model in enumerate(self.kinds):
+            ub, ua = self.gather(k, beads, previous)
+            n_units = self._unit_atoms[k].shape[0]
+            ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
+            if not model.condition_on_previous:
+                ua = None  # the frame-based model sees no history (1-2 bead units get a random orientation)
+            origin, rot, lb, lp = model.local_frames(ub, ua, ubox, generator)
+            dtype = model.atom_template.dtype
+            cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale)
+            z = model.sample_latent(len(ub), generator)
+            local = model.decode(cond, z, self.length_scale).to(beads.dtype)
+            self.scatter(k, out, origin.unsqueeze(1) + local @ rot.transpose(-1, -2))
+        return out
+
+    @torch.no_grad()
+    def library_frames(self, beads: torch.Tensor, box: Optional[torch.Tensor], generator: torch.Generator):
+        """Library lookup (the thesis's seeding, and the library baseline): ``(B, n_atoms, 3)`` nm."""
+        out = torch.zeros(beads.shape[0], self.n_atoms, 3, dtype=beads.dtype)
+        for k, model in enumerate(self.kinds):
+            ub, _ = self.gather(k, beads, None)
+            n_units = self._unit_atoms[k].shape[0]
+            ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
+            self.scatter(k, out, model.library_lookup(ub, ubox, generator))
+        return out
+
+    # -- inference -------------------------------------------------------------------------------------
+    def chain(self, *, seed: int = 0, n_replicas: int = 1, mode: str = "model") -> "BackmapChain":
+        """A stateful autoregressive backmapping of ``n_replicas`` trajectories (see :class:`BackmapChain`)."""
+        from .inference import BackmapChain
+
+        return BackmapChain(self, seed=seed, n_replicas=n_replicas, mode=mode)
+
+    def backmap_trajectory(self, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
+                           first_frame_nm: Any = None, mode: str = "model", progress: bool = False) -> np.ndarray:
+        """Backmap a CG trajectory ``(n_frames, n_beads, 3)`` (nm) to ``(n_frames, n_atoms, 3)`` (nm).
+
+        ``first_frame_nm`` (``(n_atoms, 3)``, the output atoms) replaces the library pick for frame 0.
+        ``mode`` is ``"model"``, or ``"library"`` for the library-lookup baseline.
+        """
+        from .inference import backmap_array
+
+        return backmap_array(self, cg_positions_nm, box_vectors_nm, seed=seed, first_frame_nm=first_frame_nm,
+                             mode=mode, progress=progress)
+
+    # -- files -----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write architecture, mapping, AA topology (JSON) and weights/buffers (tensors) to one file that is read
+        back with ``torch.load(weights_only=True)``: loading never executes code from the file."""
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config,
+                  "metadata": self.metadata, "mapping_yaml": self.mapping.to_yaml(),
+                  "aa_topology": topology_to_json(self.mapping.aa_topology.to_openmm())}
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        buffer = io.BytesIO()
+        torch.save({"header": json.dumps(header), "state_dict": state}, buffer)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mapping: Any = None) -> "TemporalBackmapper":
+        """Read a backmapper written by :meth:`save`; with ``mapping``, check that it is the one it was trained for.
+
+        Raises
+        ------
+        FileNotFoundError, ValueError
+            Missing file; not a backmapper file, corrupt, a newer format version, or another mapping.
+        """
+        from ..mapping import CGMapping
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no such backmapper file: {path}")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            header = json.loads(blob["header"])
+            state = blob["state_dict"]
+        except Exception as exc:  # unpickling refused, truncated file, missing keys
+            raise ValueError(f"{path} is not a readable openmm-backmap backmapper ({type(exc).__name__}: {exc})")
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an openmm-backmap backmapper (format={header.get('format')!r})")
+        if int(header.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {header['format_version']}, newer than this "
+                             f"openmm-backmap supports ({FORMAT_VERSION}); upgrade openmm-backmap")
+        try:
+            topology = topology_from_json(header["aa_topology"])
+            stored = CGMapping.from_yaml(header["mapping_yaml"], topology, source=str(path))
+            model = cls(stored, metadata=header.get("metadata"), **header["config"])
+            for k, kind in enumerate(model.kinds):  # library sizes differ per kind
+                for name in ("library_atoms", "library_beads"):
+                    setattr(kind, name, torch.zeros_like(state[f"kinds.{k}.{name}"]))
+            model.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"{path}: corrupt or incompatible backmapper ({type(exc).__name__}: {exc})") from exc
+        if mapping is not None:
+            model.check_mapping(mapping)
+        return model
+
+    def extra_repr(self) -> str:
+        return (f"units: {self.layout.describe()}; previous frame: {self.condition_on_previous}; "
+                f"lag {self.lag_ps:g} ps")
