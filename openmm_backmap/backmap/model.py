@@ -66,15 +66,13 @@ class KindModel(nn.Module):
         n_cond = 3 * n_beads + (3 * n_atoms if condition_on_previous else 0)
         self.encoder = _mlp(3 * n_atoms + n_cond, hidden, 2 * latent_dim, n_layers)
         self.decoder = _mlp(n_cond + latent_dim, hidden, 3 * n_atoms, n_layers, zero_last=True)
-        if condition_on_previous:
-            # Direct path from the previous frame (in the current local frame) with a per-coordinate gain in (0, 1):
-            # starts near "copy the previous frame", and being a contraction it cannot amplify errors from step to
-            # step in the autoregressive rollout.
-            self.gate = nn.Parameter(torch.full((3 * n_atoms,), 2.0))
         # Buffers filled by the trainer (templates, mixture, library) and saved with the weights.
         self.register_buffer("atom_template", torch.zeros(n_atoms, 3))
         self.register_buffer("bead_template", torch.zeros(n_beads, 3))
         self.register_buffer("bead_weights", torch.zeros(n_beads, n_atoms))
+        # Exact CG consistency: decoded atoms are moved group-wise (each atom with its nearest bead) so that
+        # M(r̂) = R holds exactly; ``consistency`` = A (M A)^-1 with A the atom → nearest-bead assignment.
+        self.register_buffer("consistency", torch.zeros(n_atoms, n_beads))
         self.register_buffer("mixture_weights", torch.full((n_mixture,), 1.0 / n_mixture))
         self.register_buffer("mixture_means", torch.zeros(n_mixture, latent_dim))
         self.register_buffer("mixture_scale_tril", torch.eye(latent_dim).repeat(n_mixture, 1, 1))
@@ -138,13 +136,12 @@ class KindModel(nn.Module):
         mu, logvar = out.chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 6.0)
 
-    def decode(self, cond: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
-        """Local atom positions in nm, ``(U, n_atoms, 3)``."""
+    def decode(self, cond: torch.Tensor, z: torch.Tensor, scale: float, local_beads: torch.Tensor) -> torch.Tensor:
+        """Local atom positions in nm, ``(U, n_atoms, 3)``, consistent with ``local_beads`` (exactly, up to
+        rounding)."""
         dev = self.decoder(torch.cat([self._squash(cond), z], dim=1))
-        if self.condition_on_previous:
-            prev_dev = self._squash(cond[:, 3 * self.n_beads:])
-            dev = dev + torch.sigmoid(self.gate) * prev_dev
-        return self.atom_template + scale * dev.view(-1, self.n_atoms, 3)
+        atoms = self.atom_template + scale * dev.view(-1, self.n_atoms, 3)
+        return atoms + self.consistency @ (local_beads - self.bead_weights @ atoms)
 
     def sample_latent(self, n: int, generator: torch.Generator) -> torch.Tensor:
         comp = torch.multinomial(self.mixture_weights.double().cpu(), n, replacement=True, generator=generator)
@@ -224,8 +221,10 @@ class TemporalBackmapper(nn.Module):
         self.kinds = nn.ModuleList(
             KindModel(k.n_atoms, k.n_beads, latent_dim, hidden, n_layers, condition_on_previous, n_mixture,
                       library_size) for k in self.layout.kinds)
+        hops = _hop_distances(mapping.aa_topology)
         for kind, model in zip(self.layout.kinds, self.kinds):
             model.bead_weights.copy_(torch.as_tensor(kind.weights))
+            model.consistency.copy_(torch.as_tensor(_consistency(kind, hops)))
         out = self.layout.output_index
         self._unit_atoms = [torch.as_tensor(out[k.atom_index]) for k in self.layout.kinds]
         self._unit_beads = [torch.as_tensor(k.bead_index) for k in self.layout.kinds]
@@ -328,7 +327,7 @@ class TemporalBackmapper(nn.Module):
             dtype = model.atom_template.dtype
             cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale)
             z = model.sample_latent(len(ub), generator)
-            local = model.decode(cond, z, self.length_scale).to(beads.dtype)
+            local = model.decode(cond, z, self.length_scale, lb.to(dtype)).to(beads.dtype)
             self.scatter(k, out, origin.unsqueeze(1) + local @ rot.transpose(-1, -2))
         return out
 
@@ -418,3 +417,34 @@ class TemporalBackmapper(nn.Module):
     def extra_repr(self) -> str:
         return (f"units: {self.layout.describe()}; previous frame: {self.condition_on_previous}; "
                 f"lag {self.lag_ps:g} ps")
+
+
+def _hop_distances(top) -> Any:
+    """Sparse-friendly bond-graph hop distances (scipy shortest paths, unweighted) of an mdtraj topology."""
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import shortest_path
+
+    bonds = np.array([[a.index, b.index] for a, b in top.bonds], dtype=np.int64).reshape(-1, 2)
+    n = top.n_atoms
+    adj = sp.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
+    return lambda atoms: shortest_path(adj[atoms][:, atoms], directed=False, unweighted=True)
+
+
+def _consistency(kind: UnitKind, hops) -> np.ndarray:
+    """``A (W A)^-1`` for one unit kind: ``A`` assigns every atom to the bead whose atoms are fewest bonds away
+    (weight-carrying atoms of a bead belong to it; ties go to the heavier share), ``W`` the bead weights."""
+    w = kind.weights
+    dist = hops(kind.atom_index[0])  # (n_atoms, n_atoms) hops within the unit
+    n_atoms, n_beads = kind.n_atoms, kind.n_beads
+    assign = np.zeros((n_atoms, n_beads))
+    for i in range(n_atoms):
+        if w[:, i].max() > 0:
+            assign[i, int(np.argmax(w[:, i]))] = 1.0
+            continue
+        reach = np.array([dist[i, w[b] > 0].min() for b in range(n_beads)])
+        assign[i, int(np.argmin(reach))] = 1.0
+    coupling = w @ assign
+    try:
+        return assign @ np.linalg.inv(coupling)
+    except np.linalg.LinAlgError:
+        return assign @ np.linalg.pinv(coupling)

@@ -280,7 +280,7 @@ class BackmapperTrainer:
                 cond = kind.condition(lb, lp if kind.condition_on_previous else None, scale)
                 mu, logvar = kind.encode(lt, cond, scale)
                 z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
-                pred = kind.decode(cond, z, scale)
+                pred = kind.decode(cond, z, scale, lb)
                 pos = pos + ((pred - lt) ** 2).mean() / scale ** 2 / n_kinds
                 dp, dt = torch.cdist(pred, pred), torch.cdist(lt, lt)
                 dist = dist + ((dp - dt) ** 2).mean() / scale ** 2 / n_kinds
@@ -412,6 +412,11 @@ class BackmapperTrainer:
             self.history = [dict(zip(state["history_keys"], row)) for row in state["history"]]
         generator = torch.Generator().manual_seed(self.seed)
         n_batches = max(1, math.ceil(len(train) / self.batch_size))
+        if not resume:  # epoch 0: the untrained model (template + exact CG consistency), for reference in the log
+            initial = self._evaluate(model, energy, data, val, ref_energy, kT)
+            self.history = [{"epoch": 0, **{f"train_{k}": math.nan for k in initial},
+                             **{f"val_{k}": v for k, v in initial.items()}, "val_score": math.nan,
+                             "lambda": 0.0, "beta": 0.0, "lr": self.learning_rate, "seconds": 0.0}]
         bar = tqdm(range(start_epoch, self.max_epochs), desc="training backmapper", unit="epoch",
                    disable=not self.progress)
         for epoch in bar:
@@ -465,7 +470,7 @@ class BackmapperTrainer:
             "test_frames": [int(i) for i in data["frames"][test_part[[0, -1]]]] if len(test_part) else [],
             "loss_weights": self.loss_weights, "beta": self.beta, "kl_cycles": self.kl_cycles,
             "rollout_steps": self.rollout_steps, "previous_noise_nm": self.previous_noise_nm,
-            "epochs": len(self.history), "best_val_score": best, "test_losses": test_terms,
+            "epochs": len(self.history) - 1, "best_val_score": best, "test_losses": test_terms,
             "energy": None if energy is None else energy.describe(), "seed": self.seed,
         })
         model.eval()
