@@ -233,7 +233,7 @@ class BackmapReporter:
         box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer) if self._periodic else None
         # The random numbers of a frame depend only on (seed, step): a run restarted from a checkpoint reproduces
         # the frames of an uninterrupted one.
-        self._chain.generator.manual_seed(_frame_seed(self._seed, step))
+        self._chain.reseed(_frame_seed(self._seed, step))
         aa = self._chain.step(xyz, box)
         self._writer.write(aa, step, state.getTime().value_in_unit(unit.picosecond), box)
         if self._live is not None:

@@ -6,6 +6,7 @@ whole array.
 """
 from .inference import BackmapChain
 from .model import TemporalBackmapper
+from .offline import backmap, read_cg_trajectory
 from .trainer import BackmapperTrainer
 
-__all__ = ["BackmapChain", "BackmapperTrainer", "TemporalBackmapper"]
+__all__ = ["BackmapChain", "BackmapperTrainer", "TemporalBackmapper", "backmap", "read_cg_trajectory"]

@@ -41,6 +41,10 @@ class BackmapChain:
         self._previous: Optional[torch.Tensor] = None
         self.n_steps = 0
 
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream (latent draws, library picks) from ``seed``."""
+        self.generator.manual_seed(int(seed))
+
     @property
     def previous(self) -> Optional[np.ndarray]:
         """The last AA frame(s) ``(n_replicas, n_atoms, 3)`` in nm, or ``None`` before the first step."""

@@ -180,7 +180,8 @@ class BackmapperTrainer:
                 positions = self.mapping.make_molecules_whole(positions, box)
             beads = self.mapping.map_positions(positions)
             times = ds.time[frames]
-            lag_ps = float(np.median(np.diff(times))) * self.lag_frames if len(times) > 1 else 0.0
+            # Stored times are float32-rounded: keep 6 significant digits.
+            lag_ps = float(f"{float(np.median(np.diff(times))) * self.lag_frames:.6g}") if len(times) > 1 else 0.0
             temperature = self.temperature_K or ds.settings.get("temperature_K")
             if temperature is None:
                 raise ValueError(f"{ds.path} records no temperature; pass temperature_K")
