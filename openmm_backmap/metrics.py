@@ -505,8 +505,10 @@ def _internal_coordinate_histograms(
             for t in range(n_types):
                 both = np.concatenate([a[:, types == t].ravel(), b[:, types == t].ravel()])
                 lo[t], hi[t] = np.percentile(both, 0.1), np.percentile(both, 99.9)
-            pad = np.where(hi > lo, 0.0, np.maximum(1e-6, 1e-3 * np.abs(lo)))
-            lo, hi = lo - pad, hi + pad
+            # Constrained bonds have (almost) one length: a range at least ±1 % wide keeps rounding noise (e.g. of
+            # DCD storage) from spreading one length over many bins.
+            mid, half = 0.5 * (lo + hi), np.maximum(0.5 * (hi - lo), 0.01 * 0.5 * np.abs(lo + hi))
+            lo, hi = mid - half, mid + half
         elif kind == "angles":
             lo, hi = np.zeros(n_types), np.full(n_types, np.pi)
         else:
