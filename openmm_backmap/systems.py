@@ -269,7 +269,9 @@ def peptide(
     topology, positions = _peptide_heavy_atoms(sequence, caps, phi_deg, psi_deg, seed)
     modeller = app.Modeller(topology, positions * unit.nanometer)
     with _seeded_stdlib_random(seed):
-        modeller.addHydrogens(forcefield, pH=7.0)
+        # Reference platform: addHydrogens minimizes the new hydrogens, and the multi-threaded CPU platform sums in
+        # a varying order, which made the structure (and every trajectory from it) differ between processes.
+        modeller.addHydrogens(forcefield, pH=7.0, platform=openmm.Platform.getPlatformByName("Reference"))
     positions = _ideal_bond_lengths(modeller.topology, _modeller_positions(modeller))
     modeller = app.Modeller(modeller.topology, positions * unit.nanometer)
 

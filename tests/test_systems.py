@@ -420,3 +420,15 @@ def test_obc2_is_native_and_equals_openmm_obc2_xml():
         # identical model; the custom expression hard-codes 138.935485 instead of OpenMM's 138.9354576
         assert out[0][0] == pytest.approx(out[1][0], rel=5e-7)
         np.testing.assert_allclose(out[0][1], out[1][1], atol=1e-3, rtol=1e-6)
+
+
+def test_peptide_coordinates_are_identical_across_processes():
+    """addHydrogens minimizes hydrogens; on the multi-threaded CPU platform that differed between processes."""
+    import subprocess
+    import sys
+
+    code = ("import torch, numpy as np\nfrom openmm_backmap import systems\n"
+            "print(repr(systems.alanine_dipeptide('obc2').positions_nm.round(12).tolist()))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1]
