@@ -18,6 +18,7 @@ CG simulation with the force-matched potential of ``bench_cg_alanine`` is backma
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small settings for a smoke run")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # tiny models: 1 thread is fastest, and safe next to other jobs
     if args.quick:
         args.epochs, args.test_ns, args.cg_frames = 3, 1.0, 100
     work = RESULTS / "work_backmap_alanine"
