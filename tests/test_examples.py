@@ -20,3 +20,41 @@ def test_reference_data_example(tmp_path):
     with AADataset(out / "ala2_aa.h5") as aa, CGDataset(out / "ala2_cg.h5") as cg:
         mapping = CGMapping.load(out / "backbone-cb.yaml", aa.topology)
         np.testing.assert_allclose(cg.positions[:], mapping.map_positions(aa.positions[:].astype(float)), atol=1e-6)
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_run_and_backmap_examples(tmp_path):
+    """train_potential.py -> run_cg_with_backmapping.py -> backmap_offline.py, each with tiny settings."""
+    import mdtraj as md
+
+    from openmm_backmap.backmap import TemporalBackmapper
+    from openmm_backmap.formats import existing_steps
+    from openmm_backmap.potential import CGPotential
+
+    model = tmp_path / "model"
+    out = _run("train_potential.py", "--aa-ns", "0.1", "--epochs", "1", "--hidden", "16", "--cg-steps", "200",
+               "--out", model)
+    assert "CG MD: 200 steps" in out
+    assert CGPotential.load(model / "potential.pt").metadata["epochs"] == 1
+    assert len((model / "training.csv").read_text().splitlines()) == 2
+
+    run = tmp_path / "run"
+    out = _run("run_cg_with_backmapping.py", "--aa", model / "ala2_aa.h5", "--potential", model / "potential.pt",
+               "--epochs", "1", "--hidden", "32", "--ns", "0.004", "--out", run)
+    assert "4 AA frames every 1 ps" in out  # 1000 steps of 4 fs, lag 1 ps = 5 AA frames of 0.2 ps
+    assert TemporalBackmapper.load(run / "backmapper.pt").lag_ps == 1.0
+    assert list(existing_steps(run / "aa.dcd")) == [250, 500, 750, 1000]
+    assert md.load(str(run / "aa.dcd"), top=str(run / "aa.pdb")).n_atoms == 22
+
+    offline = tmp_path / "offline"
+    out = _run("backmap_offline.py", "--cg", run / "cg.dcd", "--backmapper", run / "backmapper.pt",
+               "--reference", model / "ala2_aa.h5", "--out", offline)
+    assert "aa.dcd: 4 frames of 22 atoms" in out and "aa_library.dcd: 4 frames of 22 atoms" in out
+    library = md.load(str(offline / "aa_library.dcd"), top=str(offline / "aa_library.pdb"))
+    assert np.isfinite(library.xyz).all()
