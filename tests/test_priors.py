@@ -1,14 +1,17 @@
-"""CG priors: energies by hand, autograd forces, float32, TorchScript, config round trips, periodic boxes,
-Boltzmann-inversion recovery of known parameters, topology helpers and input checks."""
+"""CG priors: energies by hand, autograd forces, analytic forces (and CGPotential's MD path) against autograd,
+float32, TorchScript, config round trips, periodic boxes, Boltzmann-inversion recovery of known parameters,
+topology helpers and input checks."""
 import io
 import json
 import math
+from typing import Optional
 
 import mdtraj as md
 import numpy as np
 import pytest
 import torch
 
+from openmm_backmap.potential import priors as priors_module
 from openmm_backmap.potential.priors import (
     BOLTZMANN_KJ_MOL_K,
     ExcludedVolumePrior,
@@ -217,6 +220,174 @@ def test_periodic_equals_unwrapped_and_is_invariant_to_box_shifts(name, box):
     with torch.no_grad():
         single = prior(torch.tensor(moved), torch.tensor(box)).numpy()
     np.testing.assert_allclose(single, reference, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ analytic forces
+def _rotated(direction: np.ndarray, towards: np.ndarray, angle: float) -> np.ndarray:
+    """Unit vector at ``angle`` from ``direction``, rotated towards ``towards``."""
+    e = direction / np.linalg.norm(direction)
+    p = towards - (towards @ e) * e
+    p /= np.linalg.norm(p)
+    return math.cos(angle) * e + math.sin(angle) * p
+
+
+def _planar_frames() -> np.ndarray:
+    """Chains with dihedrals at and near 0 and 180 degrees: a planar hexagon (all cis), a planar zig-zag (all
+    trans), each also 1e-9 nm out of plane (the dihedral on either side of 0 / 180 degrees); moved and
+    rotated so no coordinate is special."""
+    hexagon = 0.38 * np.stack([np.cos(np.arange(6) * np.pi / 3), np.sin(np.arange(6) * np.pi / 3),
+                               np.zeros(6)], axis=1)
+    zigzag = np.stack([0.3 * np.arange(6), 0.22 * (np.arange(6) % 2), np.zeros(6)], axis=1)
+    rng = np.random.default_rng(11)
+    frames = []
+    for planar in (hexagon, zigzag):
+        frames.append(planar)
+        for _ in range(2):
+            frames.append(planar + [0.0, 0.0, 1e-9] * rng.choice([-1.0, 1.0], size=(6, 1)))
+    rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    return np.array(frames) @ rotation.T + [0.3, -0.2, 0.5]
+
+
+def _linear_angle_frames() -> np.ndarray:
+    """Chains whose angles (0, 1, 2) are pi - 1e-7 and (2, 3, 4) 1e-6 rad (and the reverse), from generic ones."""
+    frames = _chain_frames(4, seed=12, noise=0.05)
+    for f, (obtuse, acute) in enumerate([(1e-7, 1e-6), (1e-6, 1e-7), (1e-7, 1e-7), (1e-6, 1e-6)]):
+        x = frames[f]
+        x[2] = x[1] + 0.38 * _rotated(x[1] - x[0], x[3] - x[1], obtuse)  # angle at 1: pi - obtuse
+        x[4] = x[3] + 0.33 * _rotated(x[2] - x[3], x[5] - x[3], acute)  # angle at 3: acute
+    return frames
+
+
+def _analytic_frames(name: str) -> np.ndarray:
+    frames = [_chain_frames(6, seed=5, noise=0.06), _planar_frames()]
+    if name not in ("dihedral",):  # dihedrals are undefined at linear angles
+        frames.append(_linear_angle_frames())
+    return np.concatenate(frames)
+
+
+def _autograd_forces(module, xyz: np.ndarray, box=None) -> tuple:
+    x = torch.tensor(xyz, requires_grad=True)
+    energy = module(x, box)
+    (grad,) = torch.autograd.grad(energy.sum(), x)
+    return energy.detach(), -grad
+
+
+@pytest.mark.parametrize("name", PRIOR_NAMES)
+@pytest.mark.parametrize("box", [None, TRICLINIC], ids=["open", "triclinic"])
+def test_analytic_forces_equal_autograd(name, box):
+    prior = _priors()[name]
+    xyz = _analytic_frames(name)
+    box_t = None
+    if box is not None:
+        shifts = np.random.default_rng(13).integers(-2, 3, size=xyz.shape)  # beads in other images
+        xyz = xyz + shifts @ box
+        box_t = torch.tensor(np.broadcast_to(box, (len(xyz), 3, 3)).copy())
+    energy, forces = prior.energy_and_forces(torch.tensor(xyz), box_t)
+    reference_energy, reference_forces = _autograd_forces(prior, xyz, box_t)
+    torch.testing.assert_close(energy, reference_energy, rtol=1e-12, atol=1e-12)
+    scale = float(reference_forces.abs().max())
+    assert scale > 1.0  # the configurations exercise the term
+    torch.testing.assert_close(forces, reference_forces, rtol=1e-8, atol=1e-8 * scale)
+    assert not energy.requires_grad and not forces.requires_grad
+    if name == "angle":  # exactly linear angles: finite forces
+        linear = _chain_frames(1, noise=0.0)
+        linear[0, 2] = 2 * linear[0, 1] - linear[0, 0]
+        assert torch.isfinite(prior.energy_and_forces(torch.tensor(linear))[1]).all()
+
+
+@pytest.mark.parametrize("name", PRIOR_NAMES)
+def test_analytic_forces_torchscript_float32_single_box_and_index_scatter(name, monkeypatch):
+    prior = _priors()[name]
+    xyz = torch.tensor(_chain_frames(3, seed=14))
+    box = torch.tensor(TRICLINIC)
+    energy, forces = prior.energy_and_forces(xyz, box)
+    scripted = torch.jit.script(prior)
+    for got, want in zip(scripted.energy_and_forces(xyz, box), (energy, forces)):
+        assert torch.equal(got, want)
+    # float32 positions: float32 results close to float64
+    e32, f32 = prior.energy_and_forces(xyz.float(), box.float())
+    assert e32.dtype == f32.dtype == torch.float32
+    torch.testing.assert_close(e32.double(), energy, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f32.double(), forces, rtol=1e-3, atol=1e-3 * float(forces.abs().max()))
+    # more beads than the prior knows: index_add_ scatter, zero force on the extra beads
+    extra = torch.cat([xyz, torch.randn(3, 2, 3, dtype=torch.float64)], 1)
+    e_extra, f_extra = prior.energy_and_forces(extra, box)
+    torch.testing.assert_close(e_extra, energy, rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(f_extra[:, :6], forces, rtol=1e-12, atol=1e-12)
+    assert torch.equal(f_extra[:, 6:], torch.zeros(3, 2, 3, dtype=torch.float64))
+    # the same with no dense scatter matrix at all (large systems)
+    monkeypatch.setattr(priors_module, "DENSE_SCATTER_MAX", 0)
+    sparse = type(prior)(**prior.config())
+    assert sparse.scatter_matrix is None
+    e_sparse, f_sparse = torch.jit.script(sparse).energy_and_forces(xyz, box)
+    torch.testing.assert_close(e_sparse, energy, rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(f_sparse, forces, rtol=1e-12, atol=1e-12)
+
+
+def test_dihedral_coefficients_follow_a_loaded_state_dict():
+    prior = _priors()["dihedral"]
+    other = FourierDihedralPrior(dihedrals_from_bonds(CHAIN), -2.0 * prior.cos_coeffs.numpy(),
+                                 0.5 * prior.sin_coeffs.numpy() + 0.3)
+    prior.load_state_dict(other.state_dict())
+    xyz = _chain_frames(4, seed=15, noise=0.1)
+    energy, forces = prior.energy_and_forces(torch.tensor(xyz))
+    reference_energy, reference_forces = _autograd_forces(other, xyz)
+    torch.testing.assert_close(energy, reference_energy, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(forces, reference_forces, rtol=1e-10, atol=1e-10)
+    # converted to float32 and back, the derived coefficients stay exact copies of the coefficients
+    prior.float().double()
+    assert torch.equal(prior.energy_coeffs, torch.cat([prior.cos_coeffs, prior.sin_coeffs], 1))
+
+
+class _Harmonic(torch.nn.Module):
+    """A prior without analytic forces: md_energy_and_forces differentiates it by autograd."""
+
+    def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return 3.0 * (positions * positions).sum((1, 2))
+
+    def config(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("box", [None, TRICLINIC], ids=["open", "triclinic"])
+@pytest.mark.parametrize("variant", ["dense", "index_add", "generic_prior", "priors_only"])
+def test_md_energy_and_forces_equals_autograd_of_the_model(box, variant, monkeypatch):
+    from openmm_backmap.potential import CGPotential
+    from openmm_backmap.potential.schnet import SchNet
+
+    if variant == "index_add":
+        monkeypatch.setattr(priors_module, "DENSE_SCATTER_MAX", 0)
+    terms = [_priors()[n] for n in ["bond", "angle", "dihedral", "excluded", "excluded_typed"]]
+    if variant == "generic_prior":
+        terms.insert(2, _Harmonic())
+    n_priors = len(terms)
+    if variant != "priors_only":
+        torch.manual_seed(0)
+        terms.append(SchNet([0, 1, 0, 1, 2, 0], hidden=8, n_rbf=6, cutoff_nm=0.9, n_interactions=2).double())
+    potential = CGPotential(terms, n_priors=n_priors, bead_names=[f"B{i}" for i in range(6)], bead_types=["A"] * 6,
+                            mapping_fingerprint="test", periodic=box is not None, energy_offset=1.5).double()
+    assert (potential._prior_head is None) == (variant == "generic_prior")
+    assert (potential._prior_matrix is None) == (variant in ("index_add", "generic_prior"))
+    xyz = np.concatenate([_chain_frames(3, seed=16, noise=0.05), _planar_frames()[:2]])
+    box_t = None
+    if box is not None:
+        xyz = xyz + np.random.default_rng(17).integers(-1, 2, size=xyz.shape) @ box
+        box_t = torch.tensor(np.broadcast_to(box, (len(xyz), 3, 3)).copy())
+    reference_energy, reference_forces = _autograd_forces(potential, xyz, box_t)
+    scale = float(reference_forces.abs().max())
+    for module in (potential, torch.jit.script(potential)):
+        energy, forces = module.md_energy_and_forces(torch.tensor(xyz), box_t)
+        torch.testing.assert_close(energy, reference_energy, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(forces, reference_forces, rtol=1e-10, atol=1e-10 * scale)
+        assert not energy.requires_grad and not forces.requires_grad
+
+
+def test_potential_refuses_a_prior_beyond_its_beads():
+    from openmm_backmap.potential import CGPotential
+
+    with pytest.raises(ValueError, match="refers to bead 5"):
+        CGPotential([_priors()["bond"]], n_priors=1, bead_names=["A"] * 4, bead_types=["A"] * 4,
+                    mapping_fingerprint="test")
 
 
 # --------------------------------------------------------------------------------- Boltzmann inversion

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .priors import _difference_vectors, _scatter_forces
+
 FORMAT = "openmm-backmap-cg-potential"
 FORMAT_VERSION = 1
 
@@ -29,7 +31,9 @@ class CGPotential(torch.nn.Module):
     ----------
     terms
         Modules with ``forward(positions (B, n, 3) nm, box (B, 3, 3) nm or None) -> (B,) kJ/mol`` and a
-        ``config()`` method returning their constructor arguments (priors first, then the network).
+        ``config()`` method returning their constructor arguments (priors first, then the network).  For MD
+        (:meth:`md_energy_and_forces`) networks need ``energy_and_forces``; priors from :mod:`.priors`
+        compute their forces analytically, other priors are differentiated by autograd.
     n_priors
         How many of ``terms`` are priors (the rest are learned corrections).
     bead_names, bead_types
@@ -74,6 +78,42 @@ class CGPotential(torch.nn.Module):
         self.mapping_fingerprint = str(mapping_fingerprint)
         self.energy_offset = torch.nn.Parameter(torch.tensor(float(energy_offset), dtype=torch.float64))
         self.metadata: Dict[str, Any] = dict(metadata or {})
+        self._plan_priors()
+
+    @torch.jit.unused
+    def _plan_priors(self) -> None:
+        """Buffers (derived, not saved) that let :meth:`md_energy_and_forces` evaluate all priors at once: one
+        gather of every prior's difference vectors, one scatter of their gradients into forces.  Only when
+        every prior computes its forces analytically (``energy_terms_and_gradient``, see
+        :mod:`.priors`); otherwise each prior is evaluated on its own."""
+        from .priors import scatter_plan
+
+        priors = list(self.prior_terms)
+        self._prior_sizes: List[int] = [int(getattr(p, "n_vectors", 0)) for p in priors]
+        for p in priors:
+            beads = getattr(p, "vector_head", None)
+            if beads is not None and int(beads.max()) >= self.n_beads:
+                raise ValueError(f"{type(p).__name__} refers to bead {int(beads.max())} but the potential has "
+                                 f"{self.n_beads} beads")
+        fused = bool(priors) and all(hasattr(p, "energy_terms_and_gradient") for p in priors)
+        names = ["_prior_head", "_prior_tail", "_prior_index", "_prior_weight", "_prior_matrix", "_prior_energy_weight"]
+        if not fused:
+            for name in names:
+                self.register_buffer(name, None, persistent=False)
+            return
+        head = torch.cat([p.vector_head for p in priors]).cpu().numpy()
+        tail = torch.cat([p.vector_tail for p in priors]).cpu().numpy()
+        scale = torch.cat([p.vector_scale for p in priors]).double().cpu().numpy()
+        matrix, index, weight = scatter_plan(head, tail, scale, self.n_beads)
+        energy_weight = torch.cat([torch.full((p.n_energy_terms,), p.energy_scale, dtype=torch.float64)
+                                   for p in priors])
+        device = priors[0].vector_head.device
+        dtype = self.energy_offset.dtype
+        values = [torch.from_numpy(head), torch.from_numpy(tail), torch.from_numpy(index),
+                  torch.from_numpy(weight).to(dtype), None if matrix is None else torch.from_numpy(matrix[None]).to(dtype),
+                  energy_weight.to(dtype)]
+        for name, value in zip(names, values):
+            self.register_buffer(name, None if value is None else value.to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm (box ``(B, 3, 3)`` if periodic).
@@ -92,22 +132,46 @@ class CGPotential(torch.nn.Module):
                              box: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Energies ``(B,)`` (kJ/mol) and forces ``(B, n, 3)`` (kJ/mol/nm) for MD (no second derivatives).
 
-        The networks compute their forces analytically (``energy_and_forces``), the priors by autograd;
-        cheaper than differentiating :meth:`forward`, whose network backward pass is most of an MD step.
+        Every term computes its forces analytically, without autograd: the networks with
+        ``energy_and_forces``, the priors with ``energy_terms_and_gradient`` (:mod:`.priors`), all priors
+        together from one gather of their difference vectors and one scatter of the forces.  A prior without
+        analytic forces is differentiated by autograd.  The results are not differentiable.
         """
-        x = positions.detach().requires_grad_(True)
-        prior_energy = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for term in self.prior_terms:
-            prior_energy = prior_energy + term(x, box)
-        forces = torch.zeros_like(x)
-        if prior_energy.requires_grad:
-            grad = torch.autograd.grad([prior_energy.sum()], [x], allow_unused=True)[0]
-            if grad is not None:
-                forces = forces - grad
-        energy = self.energy_offset.to(x.dtype).expand(x.shape[0]) + prior_energy.detach()
-        frozen = x.detach()
+        head = self._prior_head
+        if head is not None:
+            tail, index, weight = self._prior_tail, self._prior_index, self._prior_weight
+            energy_weight = self._prior_energy_weight
+            assert tail is not None and index is not None and weight is not None and energy_weight is not None
+            with torch.no_grad():
+                vectors = _difference_vectors(positions, head, tail, box).split(self._prior_sizes, 1)
+                terms: List[torch.Tensor] = []
+                gradients: List[torch.Tensor] = []
+                k = 0
+                for term in self.prior_terms:
+                    if hasattr(term, "energy_terms_and_gradient"):
+                        t, g = term.energy_terms_and_gradient(vectors[k])
+                        terms.append(t)
+                        gradients.append(g)
+                    k += 1
+                # the 0-dim offset takes the dtype of the energies
+                energy = torch.matmul(torch.cat(terms, 1), energy_weight.to(positions.dtype)) + self.energy_offset
+                forces = _scatter_forces(torch.cat(gradients, 1), positions.shape[1], self._prior_matrix, index,
+                                         weight)
+        else:
+            energy = self.energy_offset.detach().to(positions.dtype).expand(positions.shape[0])
+            forces = torch.zeros_like(positions)
+            for term in self.prior_terms:
+                if hasattr(term, "energy_and_forces"):
+                    e, f = term.energy_and_forces(positions.detach(), box)
+                else:  # no analytic forces: autograd
+                    x = positions.detach().requires_grad_(True)
+                    e = term(x, box)
+                    grad = torch.autograd.grad([e.sum()], [x], allow_unused=True)[0]
+                    f = torch.zeros_like(positions) if grad is None else -grad
+                energy = energy + e.detach()
+                forces = forces + f
         for term in self.network_terms:
-            e, f = term.energy_and_forces(frozen, box)
+            e, f = term.energy_and_forces(positions, box)
             energy = energy + e
             forces = forces + f
         return energy, forces

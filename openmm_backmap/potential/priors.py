@@ -8,7 +8,12 @@ the network learns the remainder of the forces.
 Every prior is a TorchScript-compatible ``torch.nn.Module`` with the contract shared with the network::
 
     forward(positions (B, n_beads, 3) nm, box (B, 3, 3) nm or None) -> energies (B,) kJ/mol
+    energy_and_forces(positions, box) -> energies (B,) kJ/mol, forces (B, n_beads, 3) kJ/mol/nm
     config() -> JSON-serialisable constructor arguments; ``cls(**prior.config())`` rebuilds the prior
+
+``forward`` is differentiable to any order (force-matching training differentiates its gradient);
+``energy_and_forces`` gives the same energies and the forces ``-dE/dr`` written out, without autograd,
+for MD (:meth:`.model.CGPotential.md_energy_and_forces`).
 
 Conventions
 -----------
@@ -24,6 +29,18 @@ Conventions
 * Dihedrals follow the IUPAC sign convention, as OpenMM and mdtraj.
 * Index lists are ``int64`` buffers and parameters ``float64`` buffers; ``forward`` computes in the dtype
   of ``positions``, so the same module serves float32 (GPU platforms) and float64 (Reference, CPU).
+
+Analytic forces
+---------------
+Each prior is a function of *difference vectors* ``r_head - r_tail`` (minimum images with a box): bond and
+pair vectors, the two arms of an angle, and ``b0, b2, b1, -b1`` of a dihedral (a vector may appear more
+than once).  ``energy_terms_and_gradient(vectors (B, V, 3))`` returns per-interaction energy terms and the
+gradient of the energy with respect to each vector, up to a constant factor per vector (a sign, or ``-n``
+for the excluded volume) that is folded into the scatter (:func:`scatter_plan`): a dense ``(n_beads, V)``
+matrix product for small systems, ``index_add_`` for large ones.  So a prior costs one gather, a few dozen
+element-wise operations on all its interactions at once and one scatter, with no autograd graph;
+:class:`.model.CGPotential` gathers and scatters the vectors of all its priors together.  The angle and
+dihedral gradients are written in forms that stay finite and accurate near 0 and pi (see the methods).
 
 Fitting (:func:`fit_priors`) follows direct Boltzmann inversion (thesis seed 003, eqs. 2.33-2.34):
 ``U(x) = -kT ln(p(x) / J(x))`` with the Jacobian ``J(r) = r^2`` for distances, ``J(theta) = sin(theta)``
@@ -195,9 +212,61 @@ def _type_codes(bead_types: Sequence[Any], n_beads: int) -> Tuple[np.ndarray, Li
     return np.array([index[t] for t in types], dtype=np.int64), names
 
 
+# ------------------------------------------------------------------------------------------ analytic forces
+#: Largest dense scatter matrix (beads x difference vectors) used for the forces; ``index_add_`` beyond.
+DENSE_SCATTER_MAX = 1 << 16
+
+
+def _difference_vectors(positions: torch.Tensor, head: torch.Tensor, tail: torch.Tensor,
+                        box: Optional[torch.Tensor]) -> torch.Tensor:
+    """Vectors ``r_head - r_tail`` ``(B, V, 3)``, minimum images when ``box`` is given."""
+    delta = positions.index_select(1, head) - positions.index_select(1, tail)
+    if box is None:
+        return delta
+    cell = box.to(positions.dtype)
+    if cell.dim() == 2:
+        cell = cell.unsqueeze(0)
+    return minimum_image(delta, cell.unsqueeze(1))
+
+
+def _scatter_forces(gradient: torch.Tensor, n_beads: int, matrix: Optional[torch.Tensor], index: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """Forces ``(B, n_beads, 3)`` from the vector gradients ``(B, V, 3)`` of :func:`scatter_plan` (``matrix``
+    with a leading dimension of 1)."""
+    if matrix is not None and matrix.shape[1] == n_beads:
+        return torch.bmm(matrix.to(gradient.dtype).expand(gradient.shape[0], -1, -1), gradient)
+    forces = torch.zeros(gradient.shape[0], n_beads, 3, dtype=gradient.dtype, device=gradient.device)
+    return forces.index_add_(1, index, torch.cat([gradient, gradient], 1) * weight.to(gradient.dtype))
+
+
+def scatter_plan(head: np.ndarray, tail: np.ndarray, scale: np.ndarray,
+                 n_beads: int) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """How the gradients ``g (B, V, 3)`` with respect to the vectors ``r_head - r_tail`` become forces.
+
+    The gradient of the energy with respect to vector ``v`` is ``scale[v] * g[:, v]``; the forces are
+    ``F = -dE/dr``.  Returns a dense ``(n_beads, V)`` matrix ``W`` with ``F = W @ g`` when it has at most
+    :data:`DENSE_SCATTER_MAX` entries (else ``None``), and the ``index (2 V,)`` and ``weight (2 V, 1)`` of
+    ``F.index_add_(1, index, cat([g, g], 1) * weight)``.
+    """
+    head = np.asarray(head, dtype=np.int64)
+    tail = np.asarray(tail, dtype=np.int64)
+    scale = np.asarray(scale, dtype=np.float64)
+    index = np.concatenate([head, tail])
+    weight = np.concatenate([-scale, scale])[:, None]
+    matrix = None
+    if n_beads * len(head) <= DENSE_SCATTER_MAX:
+        matrix = np.zeros((n_beads, len(head)))
+        columns = np.arange(len(head))
+        np.add.at(matrix, (head, columns), -scale)
+        np.add.at(matrix, (tail, columns), scale)
+    return matrix, index, weight
+
+
 # ------------------------------------------------------------------------------------------------ priors
 class _Prior(torch.nn.Module):
-    """Base of the priors: keeps the normalised constructor arguments for :meth:`config`."""
+    """Base of the priors: keeps the normalised constructor arguments for :meth:`config`, and computes
+    energies and forces analytically (:meth:`energy_and_forces`) from the subclass's
+    :meth:`energy_terms_and_gradient` over difference vectors of bead positions."""
 
     __jit_ignored_attributes__ = ["_config"]
 
@@ -220,6 +289,43 @@ class _Prior(torch.nn.Module):
     def _register_floats(self, **values: np.ndarray) -> None:
         for name, value in values.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)))
+
+    def _register_vectors(self, head: np.ndarray, tail: np.ndarray, scale: np.ndarray, *, n_beads: int,
+                          n_energy_terms: int, energy_scale: float) -> None:
+        """Difference vectors ``r_head - r_tail`` that :meth:`energy_terms_and_gradient` takes, the scale of
+        each vector's gradient (see :func:`scatter_plan`), and the energy as ``energy_scale`` times the sum
+        of the ``n_energy_terms`` terms.  These buffers are derived from ``atoms`` and not saved."""
+        self.energy_scale = float(energy_scale)
+        self.n_energy_terms = int(n_energy_terms)
+        self.n_vectors = len(head)
+        matrix, index, weight = scatter_plan(head, tail, scale, n_beads)
+        for name, value in [("vector_head", head), ("vector_tail", tail), ("scatter_index", index)]:
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value, dtype=np.int64)),
+                                 persistent=False)
+        for name, value in [("vector_scale", scale), ("scatter_weight", weight), ("scatter_matrix", matrix)]:
+            tensor = None if value is None else torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
+            if name == "scatter_matrix" and tensor is not None:
+                tensor = tensor.unsqueeze(0)
+            self.register_buffer(name, tensor, persistent=False)
+
+    @torch.jit.export
+    def energy_and_forces(self, positions: torch.Tensor,
+                          box: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energies ``(B,)`` in kJ/mol and forces ``(B, n_beads, 3)`` in kJ/mol/nm, without autograd.
+
+        The same energies as :meth:`forward`; the forces are its negative gradient, written out.
+        """
+        vectors = _difference_vectors(positions, self.vector_head, self.vector_tail, box)
+        terms, gradient = self.energy_terms_and_gradient(vectors)
+        forces = _scatter_forces(gradient, positions.shape[1], self.scatter_matrix, self.scatter_index,
+                                 self.scatter_weight)
+        return terms.sum(-1) * self.energy_scale, forces
+
+    def energy_terms_and_gradient(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energy terms ``(B, n_energy_terms)`` (the energy is ``energy_scale`` times their sum) and the
+        vector gradients ``(B, n_vectors, 3)`` (see :func:`scatter_plan`) from the difference vectors
+        ``(B, n_vectors, 3)``."""
+        raise NotImplementedError
 
 
 class HarmonicBondPrior(_Prior):
@@ -244,11 +350,22 @@ class HarmonicBondPrior(_Prior):
         super().__init__({"bonds": atoms.tolist(), "r0_nm": r0.tolist(), "k_kj_mol_nm2": k.tolist()})
         self._register_atoms(atoms)
         self._register_floats(r0=r0, k=k)
+        # vectors r_j - r_i, one per bond
+        self._register_vectors(atoms[:, 1], atoms[:, 0], np.ones(len(atoms)), n_beads=int(atoms.max()) + 1,
+                               n_energy_terms=len(atoms), energy_scale=0.5)
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
         dr = _distances(positions, self.atoms, box) - self.r0.to(positions.dtype)
         return 0.5 * (self.k.to(positions.dtype) * dr * dr).sum(-1)
+
+    def energy_terms_and_gradient(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``k (r - r0)^2`` per bond and ``dE/dd = k (r - r0) d / r`` for the bond vectors ``d``."""
+        r = torch.linalg.vector_norm(vectors, dim=-1)
+        dr = r - self.r0.to(vectors.dtype)
+        kdr = self.k.to(vectors.dtype) * dr
+        # zero force between coincident beads, as autograd through the norm
+        return kdr * dr, (kdr / r.clamp(min=1e-30)).unsqueeze(-1) * vectors
 
 
 class HarmonicAnglePrior(_Prior):
@@ -273,11 +390,35 @@ class HarmonicAnglePrior(_Prior):
         super().__init__({"angles": atoms.tolist(), "theta0_rad": theta0.tolist(), "k_kj_mol_rad2": k.tolist()})
         self._register_atoms(atoms)
         self._register_floats(theta0=theta0, k=k)
+        # vectors u = r_i - r_j (all angles), then v = r_k - r_j; the gradient is returned for u and -v
+        i, j, k_ = atoms.T
+        n = len(atoms)
+        self._register_vectors(np.concatenate([i, k_]), np.concatenate([j, j]),
+                               np.concatenate([np.ones(n), -np.ones(n)]), n_beads=int(atoms.max()) + 1,
+                               n_energy_terms=n, energy_scale=0.5)
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
         dtheta = _angles(positions, self.atoms, box) - self.theta0.to(positions.dtype)
         return 0.5 * (self.k.to(positions.dtype) * dtheta * dtheta).sum(-1)
+
+    def energy_terms_and_gradient(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``k (theta - theta0)^2`` per angle, and the gradient for ``u`` and ``-v``.
+
+        With ``w = u x v``: ``dtheta/du = u x w / (|u|^2 |w|)`` and ``dtheta/dv = -v x w / (|v|^2 |w|)``,
+        perpendicular to ``u`` (``v``) in the plane of the angle, of length ``1/|u|`` (``1/|v|``) however
+        close the angle is to 0 or pi.  At exactly 0 or pi (``w = 0``) the gradient is 0, as autograd's.
+        """
+        pair = vectors.unflatten(1, [2, -1])  # (B, 2, M, 3): u, v
+        u, v = pair.unbind(1)
+        normal = torch.linalg.cross(u, v, dim=-1)
+        sine = torch.linalg.vector_norm(normal, dim=-1)
+        theta = torch.atan2(sine, (u * v).sum(-1))
+        dtheta = theta - self.theta0.to(vectors.dtype)
+        kdt = self.k.to(vectors.dtype) * dtheta
+        coef = (kdt / sine.clamp(min=1e-30)).unsqueeze(1) / (pair * pair).sum(-1)
+        gradient = coef.unsqueeze(-1) * torch.linalg.cross(pair, normal.unsqueeze(1), dim=-1)
+        return kdt * dtheta, gradient.flatten(1, 2)
 
 
 class FourierDihedralPrior(_Prior):
@@ -305,6 +446,30 @@ class FourierDihedralPrior(_Prior):
         super().__init__({"dihedrals": atoms.tolist(), "cos_coeffs": a.tolist(), "sin_coeffs": b.tolist()})
         self._register_atoms(atoms)
         self._register_floats(cos_coeffs=a, sin_coeffs=b, multiples=np.arange(1, a.shape[1] + 1))
+        # vectors b0 = r_j - r_i, b2 = r_l - r_k, b1 = r_k - r_j and -b1 (each for all dihedrals); the
+        # gradients for the last two are returned negated (see energy_terms_and_gradient)
+        i, j, k, l = atoms.T
+        n = len(atoms)
+        self._register_vectors(np.concatenate([j, l, k, j]), np.concatenate([i, k, j, k]),
+                               np.concatenate([np.ones(2 * n), -np.ones(2 * n)]), n_beads=int(atoms.max()) + 1,
+                               n_energy_terms=2 * a.size, energy_scale=1.0)
+        for name in ("energy_coeffs", "slope_coeffs", "harmonics"):
+            self.register_buffer(name, None, persistent=False)
+        self._derive_coefficients()
+
+    def _derive_coefficients(self) -> None:
+        """``[a, b]``, ``[b, -a]`` per dihedral and ``[1..K, 1..K]`` from ``cos_coeffs`` (a), ``sin_coeffs``
+        (b) and ``multiples``: exact copies, which convert between dtypes as the coefficients do.  Called
+        again when a state dict is loaded."""
+        with torch.no_grad():
+            a, b = self.cos_coeffs, self.sin_coeffs
+            self.energy_coeffs = torch.cat([a, b], 1)
+            self.slope_coeffs = torch.cat([b, -a], 1)
+            self.harmonics = torch.cat([self.multiples, self.multiples])
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._derive_coefficients()
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
@@ -312,6 +477,32 @@ class FourierDihedralPrior(_Prior):
         n_phi = _dihedrals(positions, self.atoms, box).unsqueeze(-1) * self.multiples.to(dtype)
         terms = self.cos_coeffs.to(dtype) * torch.cos(n_phi) + self.sin_coeffs.to(dtype) * torch.sin(n_phi)
         return terms.sum(dim=[1, 2])
+
+    def energy_terms_and_gradient(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Terms ``a_n cos(n phi)`` and ``b_n sin(n phi)`` per dihedral, and the gradient for the vectors
+        ``b0, b2, b1, -b1`` (Blondel and Karplus, J. Comput. Chem. 17, 1132 (1996)).
+
+        With ``n1 = b0 x b1`` and ``n2 = b1 x b2``: ``dphi/db0 = |b1| n1 / |n1|^2`` and
+        ``dphi/db2 = |b1| n2 / |n2|^2``, with no division by ``sin phi``, so exact at and near 0 and 180
+        degrees.  The gradient for the axis, ``dE/db1 = -(b0 . b1) / |b1|^2 dE/db0 - (b2 . b1) / |b1|^2
+        dE/db2``, is split between its two copies: ``b1`` takes the first term, ``-b1`` minus the second;
+        both are returned negated (scale -1 in the scatter).
+        """
+        dtype = vectors.dtype
+        quad = vectors.unflatten(1, [2, 2, -1])  # (B, 2, 2, M, 3): [b0, b2], [b1, -b1]
+        outer, axis = quad.unbind(1)
+        normals = torch.linalg.cross(outer, axis, dim=-1)  # [b0 x b1, b2 x -b1] = [n1, n2]
+        n1, n2 = normals.unbind(1)
+        length = torch.linalg.vector_norm(axis.select(1, 0), dim=-1)
+        phi = torch.atan2((outer.select(1, 0) * n2).sum(-1) * length, (n1 * n2).sum(-1))
+        waves = phi.unsqueeze(-1) * self.multiples.to(dtype)
+        waves = torch.cat([torch.cos(waves), torch.sin(waves)], -1)  # (B, M, 2K)
+        slope = torch.matmul(waves * self.slope_coeffs.to(dtype), self.harmonics.to(dtype))  # dE/dphi
+        coef = (slope * length).unsqueeze(1) / (normals * normals).sum(-1).clamp(min=1e-30)
+        gradient = coef.unsqueeze(-1) * normals  # dE/db0, dE/db2
+        along = ((outer * axis).sum(-1) / (axis * axis).sum(-1)).unsqueeze(-1) * gradient
+        terms = waves * self.energy_coeffs.to(dtype)
+        return terms.flatten(1), torch.cat([gradient, along], 1).flatten(1, 2)
 
 
 class ExcludedVolumePrior(_Prior):
@@ -407,8 +598,13 @@ class ExcludedVolumePrior(_Prior):
         self.exponent = exponent
         cutoff = math.inf if cutoff_nm is None else cutoff_nm
         self.cutoff_squared = cutoff * cutoff
+        self.has_cutoff = cutoff_nm is not None
         self._register_atoms(atoms[keep])
         self._register_floats(sigma_squared=sigma[keep] ** 2, shift=(sigma[keep] / cutoff) ** exponent)
+        # vectors r_j - r_i, one per pair; dE/dd = -n E_pair / r^2 d
+        kept = atoms[keep]
+        self._register_vectors(kept[:, 1], kept[:, 0], np.full(len(kept), -float(exponent)), n_beads=n_needed,
+                               n_energy_terms=len(kept), energy_scale=1.0)
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
@@ -418,6 +614,18 @@ class ExcludedVolumePrior(_Prior):
         energy = torch.where(r2 < self.cutoff_squared, energy - self.shift.to(positions.dtype),
                              torch.zeros_like(energy))
         return energy.sum(-1)
+
+    def energy_terms_and_gradient(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(sigma / r)^n`` (shifted, zero beyond the cutoff) per pair, and ``(sigma / r)^n / r^2 d`` for the
+        pair vectors ``d`` (the gradient is ``-n`` times that)."""
+        r2 = (vectors * vectors).sum(-1)
+        energy = torch.pow(self.sigma_squared.to(vectors.dtype) / r2, 0.5 * self.exponent)
+        coef = energy / r2
+        if self.has_cutoff:
+            inside = r2 < self.cutoff_squared
+            energy = torch.where(inside, energy - self.shift.to(vectors.dtype), 0.0)
+            coef = torch.where(inside, coef, 0.0)
+        return energy, coef.unsqueeze(-1) * vectors
 
 
 #: Prior classes by name, for :func:`prior_from_dict`.
