@@ -49,10 +49,14 @@ def test_errors_are_one_line_with_hint(tmp_path, capsys):
     (["evaluate", "--reference", "ref.h5", "--backmapped", "aa.dcd"], "--reference"),
 ])
 def test_missing_inputs_exit_1_with_one_line(tmp_path, monkeypatch, capsys, argv, flag):
+    import torch
+
     monkeypatch.chdir(tmp_path)
     if argv[0] == "evaluate":
         pytest.importorskip("openmm_backmap.evaluation")
-    assert main(argv) == 1
+    threads = torch.get_num_threads()
+    assert main(argv + ["--threads", str(threads + 1)]) == 1
+    assert torch.get_num_threads() == threads  # an in-process caller's torch is left as it was
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith(f"openmm-backmap {argv[0]}: error: {flag} ")
     assert "no such file" in err[0] and err[1].strip() == "hint: check the path"
@@ -198,10 +202,21 @@ def test_run_backmaps_on_the_fly_and_appends(pipeline, capsys):
     # a second run into the same folder is refused; --append extends it to 400 steps without duplicates
     assert main(argv + ["--ns", "0.0008"]) == 1
     assert "--append" in capsys.readouterr().err
+    at_200 = (out / "checkpoint.chk").read_bytes()
     assert main(argv + ["--ns", "0.0016", "--append"]) == 0
-    assert _steps(out / "aa.dcd") == _steps(out / "cg.dcd") == [50, 100, 150, 200, 250, 300, 350, 400]
+    steps = [50, 100, 150, 200, 250, 300, 350, 400]
+    assert _steps(out / "aa.dcd") == _steps(out / "cg.dcd") == steps
     rows = [line for line in (out / "cg_log.csv").read_text().splitlines() if not line.startswith("#")]
-    assert [int(r.split(",")[0]) for r in rows] == [50, 100, 150, 200, 250, 300, 350, 400]
+    assert [int(r.split(",")[0]) for r in rows] == steps
+    # a crash after step 400 whose last checkpoint was at step 200: --append drops the frames and log rows after
+    # the checkpoint and writes them again, so nothing is duplicated or missing
+    (out / "checkpoint.chk").write_bytes(at_200)
+    with pytest.warns(UserWarning, match="after step 200"):
+        assert main(argv + ["--ns", "0.0016", "--append"]) == 0
+    assert _steps(out / "aa.dcd") == _steps(out / "cg.dcd") == steps
+    rows = [line for line in (out / "cg_log.csv").read_text().splitlines() if not line.startswith("#")]
+    assert [int(r.split(",")[0]) for r in rows] == steps
+    assert md.load(str(out / "aa.dcd"), top=str(out / "aa.pdb")).n_frames == 8
     # the python backend (openmm.PythonForce) runs the same potential
     assert main(argv + ["--ns", "0.0004", "--backend", "python", "--out", str(out.with_name("run_py"))]) == 0
     assert _steps(out.with_name("run_py") / "aa.dcd") == [50, 100]
