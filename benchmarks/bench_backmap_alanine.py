@@ -192,8 +192,7 @@ def main() -> None:
         t0 = time.perf_counter()
         trainer = BackmapperTrainer(mapping, train_path, stride=5, architecture=arch, max_epochs=args.epochs,
                                     patience=8, log=work / f"training_{name}.csv", seed=0,
-                                    max_frames=2000 if args.quick else None,
-                                    rollout_steps=2 if arch == {} else 0)
+                                    max_frames=2000 if args.quick else None)
         models[name] = trainer.fit()
         timings[f"train_{name}_s"] = time.perf_counter() - t0
         if not args.quick:

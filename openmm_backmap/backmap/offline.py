@@ -28,12 +28,38 @@ def read_cg_trajectory(path: str | os.PathLike, topology: Any = None) -> dict[st
                 return {"xyz": ds.positions[:].astype(np.float64), "time": ds.time[:].astype(np.float64),
                         "step": ds.step[:].astype(np.int64),
                         "box": ds.box_vectors[:].astype(np.float64) if ds.periodic else None}
+    from ..formats import FORMATS, read_frames
+
+    if path.suffix.lower() in FORMATS and path.suffix.lower() != ".pdb":
+        # OpenMM's and our writers keep steps and times (DCD: first step, interval and dt in the header), which
+        # mdtraj does not read back; files from other programs fall through to mdtraj.
+        try:
+            frames = read_frames(path, _as_openmm_or_none(topology))
+        except (ValueError, OSError, KeyError):
+            frames = None
+        if frames is not None and frames.get("time") is not None:
+            return {"xyz": np.asarray(frames["xyz"], dtype=np.float64),
+                    "time": np.asarray(frames["time"], dtype=np.float64),
+                    "step": None if frames.get("step") is None else np.asarray(frames["step"], dtype=np.int64),
+                    "box": None if frames.get("box") is None else np.asarray(frames["box"], dtype=np.float64)}
     if topology is not None and not isinstance(topology, (str, os.PathLike, md.Topology)):
         topology = md.Topology.from_openmm(topology)
     traj = md.load(str(path), top=str(topology) if isinstance(topology, (str, os.PathLike)) else topology)
     box = traj.unitcell_vectors.astype(np.float64) if traj.unitcell_vectors is not None else None
     time = np.asarray(traj.time, dtype=np.float64)
     return {"xyz": traj.xyz.astype(np.float64), "time": time, "step": None, "box": box}
+
+
+def _as_openmm_or_none(topology: Any):
+    import mdtraj as md
+
+    if topology is None:
+        return None
+    if isinstance(topology, (str, os.PathLike)):
+        return md.load_topology(str(topology)).to_openmm()
+    if isinstance(topology, md.Topology):
+        return topology.to_openmm()
+    return topology
 
 
 def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, topology: Any = None,

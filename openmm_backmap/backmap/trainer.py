@@ -38,7 +38,7 @@ from ._layout import kabsch
 from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper
 
 #: Default weights of the loss terms.
-DEFAULT_LOSS_WEIGHTS = {"position": 1.0, "distance": 1.0, "bonded": 10.0, "cg": 1.0, "energy": 0.001}
+DEFAULT_LOSS_WEIGHTS = {"position": 1.0, "distance": 1.0, "bonded": 30.0, "cg": 1.0, "energy": 0.001}
 
 
 class BackmapperTrainer:
@@ -105,7 +105,7 @@ class BackmapperTrainer:
         energy_start: float = 1e-4,
         energy_huber_kT: float = 1.0,
         previous_noise_nm: float = 0.005,
-        rollout_steps: int = 2,
+        rollout_steps: int = 0,
         n_mixture: int = 10,
         library_size: int = 2000,
         batch_size: int = 128,
