@@ -327,3 +327,18 @@ def test_offline_backmap_refuses_a_cg_file_of_another_size(tiny_backmapper, tmp_
 
     with pytest.raises(ValueError, match="6 beads"):
         backmap(np.zeros((3, 5, 3)), tiny_backmapper, tmp_path / "aa.pdb", progress=False)
+
+
+def test_energy_loss_is_huber_near_agreement_and_bounded_for_clashes():
+    from openmm_backmap.backmap.trainer import _robust_energy_loss
+
+    x = torch.tensor([0.5, 3.0, 49.0, 1e10], dtype=torch.float64, requires_grad=True)
+    per = [float(_robust_energy_loss(v.reshape(1), 1.0)) for v in x.detach()]
+    assert per[0] == pytest.approx(0.125) and per[1] == pytest.approx(2.5) and per[2] == pytest.approx(48.5)
+    assert per[3] < 50 * 30  # logarithmic growth: a 1e10 kT clash costs about 1e3, not 1e10
+    (grad,) = torch.autograd.grad(_robust_energy_loss(x, 1.0) * 4, x)
+    assert grad[3].item() == pytest.approx(50 / 1e10)  # relative gradient past the cap
+    # continuous at the cap
+    below = float(_robust_energy_loss(torch.tensor([50.0 - 1e-6]), 1.0))
+    above = float(_robust_energy_loss(torch.tensor([50.0 + 1e-6]), 1.0))
+    assert abs(above - below) < 1e-5

@@ -16,8 +16,9 @@ Loss per training pair (r_{t-τ}, r_t) with CG frame R_t = M(r_t), all lengths i
 
 λ grows exponentially from ``energy_start`` to 1 over ``energy_anneal_epochs`` (seed 003: "set to 0 at the
 beginning ... annealed up to 1 using an exponential schedule"); the energy difference enters through a Huber
-function of width ``energy_huber_kT`` (quadratic like eq. 8.5 near agreement, linear for the huge energies of early,
-clashing structures, so one bad frame cannot dominate a batch). β follows a cyclic schedule (Fu et al. 2019, as
+function of width ``energy_huber_kT`` (quadratic like eq. 8.5 near agreement, linear beyond) that grows only
+logarithmically past 50 kT, so the astronomically high energies of early, clashing structures cannot dominate a
+batch. β follows a cyclic schedule (Fu et al. 2019, as
 seed 003 used for alanine dipeptide) when ``kl_cycles > 0``. Optional rollout training (``rollout_steps``) feeds
 the model its own previous output for a few steps, the remedy for drift the thesis proposed as future work.
 """
@@ -299,9 +300,7 @@ class BackmapperTrainer:
                 u_pred = energy(pred_global.double(), box)
                 with torch.no_grad():
                     u_ref = batch["energy"][s]
-                diff = (u_pred - u_ref) / kT
-                e_term = torch.nn.functional.huber_loss(diff, torch.zeros_like(diff), delta=self.energy_huber_kT,
-                                                        reduction="mean").float()
+                e_term = _robust_energy_loss((u_pred - u_ref) / kT, self.energy_huber_kT).float()
                 loss = loss + lam * w["energy"] * e_term
             total = total + loss / len(steps)
             for name, value in (("position", pos), ("distance", dist), ("bonded", bonded), ("cg", cg), ("kl", kl),
@@ -542,6 +541,20 @@ class BackmapperTrainer:
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint)
+
+
+def _robust_energy_loss(x: torch.Tensor, delta: float, cap: float = 50.0) -> torch.Tensor:
+    """Mean Huber loss of energy differences ``x`` (in kT) that grows only logarithmically beyond ``cap`` kT.
+
+    Early in training a decoded structure can clash and have an energy 1e10 kT too high; with a Huber loss its
+    gradient (δ · dU/dx) then dominates the clipped update and drives the coordinates away from the data. Past
+    ``cap`` the gradient is δ · cap / |x| · dU/dx, i.e. relative, so such frames pull like frames at ``cap``.
+    """
+    a = x.abs()
+    huber = torch.where(a <= delta, 0.5 * a * a, delta * (a - 0.5 * delta))
+    at_cap = delta * (cap - 0.5 * delta)
+    tail = at_cap + delta * cap * torch.log(torch.clamp(a, min=cap) / cap)
+    return torch.where(a <= cap, huber, tail).mean()
 
 
 def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
