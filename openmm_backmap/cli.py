@@ -698,7 +698,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "cg_topology": None, "cg_log": None, "backmapper": None, "lag_ps": None, "temperature": None,
                  "title": "openmm-backmap evaluation", "out": "evaluation", "threads": 1},
     "bench": {"quick": False, "only": None, "collect": False},
-    "demo": {"out": "output/demo", "ns": 2.0, "cg_ns": 0.5, "epochs_potential": 20, "max_frames_potential": 20000,
+    "demo": {"out": "output/demo", "ns": 8.0, "cg_ns": 0.5, "epochs_potential": 20, "max_frames_potential": 20000,
              "epochs_backmapper": 50, "epochs_baseline": 20, "lag_ps": 1.0, "seed": 0, "threads": 1},
 }
 
@@ -918,7 +918,7 @@ def _parser() -> argparse.ArgumentParser:
     p = add("demo", "Alanine dipeptide end to end: AA data -> CG potential + backmappers -> CG MD with on-the-fly "
                     "backmapping -> evaluation report.")
     p.add_argument("--out", help="output folder (default: output/demo)")
-    p.add_argument("--ns", type=float, help="length of the AA reference run in ns (default: 2)")
+    p.add_argument("--ns", type=float, help="length of the AA reference run in ns (default: 8)")
     p.add_argument("--cg-ns", dest="cg_ns", type=float, help="length of the CG run in ns (default: 0.5)")
     p.add_argument("--epochs-potential", dest="epochs_potential", type=int,
                    help="maximum epochs of force matching (default: 20)")
