@@ -8,7 +8,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+#: Where results go; ``run_all.py --quick`` points this elsewhere so smoke runs never overwrite recorded results.
+RESULTS = Path(os.environ.get("OPENMM_BACKMAP_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def machine() -> dict:

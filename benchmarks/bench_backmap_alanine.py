@@ -169,9 +169,14 @@ def main() -> None:
     work = RESULTS / "work_backmap_alanine"
     work.mkdir(parents=True, exist_ok=True)
     train_path = RESULTS / "work_cg_alanine" / "aa.h5"
+    adp = systems.alanine_dipeptide("obc2")
+    if not train_path.exists() and args.quick:  # smoke run: a small training set of its own
+        train_path = work / "aa_train_2ns.h5"
+        if not train_path.exists():
+            simulate_reference(train_path, adp.topology, adp.system, adp.positions, n_steps=1_000_000,
+                               report_interval=100, equilibration_steps=10_000, seed=1, platform="Reference")
     if not train_path.exists():
         raise SystemExit(f"{train_path} is missing: run benchmarks/bench_cg_alanine.py first (it writes the AA data)")
-    adp = systems.alanine_dipeptide("obc2")
     timings = {}
 
     # -- held-out AA test trajectory (independent run) ------------------------------------------------

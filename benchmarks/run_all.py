@@ -3,10 +3,12 @@
     python benchmarks/run_all.py                 # run every bench_*.py, then regenerate the page
     python benchmarks/run_all.py --only data_writer
     python benchmarks/run_all.py --collect       # only regenerate the page from recorded results
+    python benchmarks/run_all.py --quick         # reduced settings, results in results/quick/ (page untouched)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,8 @@ SECTIONS = {
     "cg_alanine": "Force-matched CG alanine dipeptide: quality (issue 4)",
     "cg_chignolin": "Force-matched CG chignolin: stability and distances (issue 4)",
     "cg_speed": "CG alanine dipeptide in OpenMM: speed (issue 4)",
+    "backmap_alanine": "Backmapping alanine dipeptide (issue 5)",
+    "backmap_chignolin": "Backmapping chignolin (issue 5)",
 }
 
 INTRO = """# Benchmarks
@@ -52,15 +56,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="benchmark names to run (default: all)")
     parser.add_argument("--collect", action="store_true", help="only regenerate docs/benchmarks.md")
+    parser.add_argument("--quick", action="store_true",
+                        help="run the scripts that have a --quick mode with it; results go to results/quick/ and the "
+                             "recorded results and docs/benchmarks.md are left alone")
     args = parser.parse_args()
     if not args.collect:
         scripts = sorted(HERE.glob("bench_*.py"))
         if args.only:
             scripts = [s for s in scripts if s.stem.removeprefix("bench_") in args.only]
+        env = dict(os.environ)
+        if args.quick:
+            env["OPENMM_BACKMAP_BENCH_RESULTS"] = str(HERE / "results" / "quick")
         for script in scripts:
+            command = [sys.executable, str(script)]
+            if args.quick:
+                if '"--quick"' not in script.read_text():
+                    print(f"== {script.name}: skipped (no --quick mode)", flush=True)
+                    continue
+                command.append("--quick")
             print(f"== {script.name}", flush=True)
-            subprocess.run([sys.executable, str(script)], check=True)
-    collect()
+            subprocess.run(command, check=True, env=env)
+    if not args.quick:
+        collect()
 
 
 if __name__ == "__main__":
