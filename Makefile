@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench clean-venv
+.PHONY: venv demo test test-all bench docs clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,16 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# Documentation (HTML in docs/_build/html), warnings are errors; Sphinx + myst-parser come from the "docs" extra.
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 clean-venv:
 	rm -rf $(VENV)

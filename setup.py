@@ -46,7 +46,7 @@ setup(
     packages=find_packages(include=["openmm_backmap", "openmm_backmap.*"]),
     package_data={"openmm_backmap": ["data/*.yaml"]},
     install_requires=install_requires,
-    extras_require={"test": ["pytest>=7.4"]},
+    extras_require={"test": ["pytest>=7.4"], "docs": ["sphinx>=7", "myst-parser>=2"]},
     entry_points={"console_scripts": ["openmm-backmap=openmm_backmap.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
