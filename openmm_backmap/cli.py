@@ -244,7 +244,7 @@ def cmd_train_backmapper(cfg: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     trainer = BackmapperTrainer(
         mapping, data, energy=None if cfg["no_energy"] else "dataset", stride=stride, lag_frames=1,
-        architecture=architecture, rollout_steps=0 if frame_based else 2, max_epochs=int(cfg["epochs"]),
+        architecture=architecture, max_epochs=int(cfg["epochs"]),
         batch_size=int(cfg["batch_size"]), learning_rate=float(cfg["lr"]), patience=int(cfg["patience"]),
         max_frames=cfg["max_frames"], seed=int(cfg["seed"]), checkpoint=checkpoint, log=log,
         progress=cfg.get("_progress", True),

@@ -40,8 +40,8 @@ from .formats import read_frames, topology_pdb_path, trajectory_format
 
 __all__ = ["TARGETS", "evaluate_run", "check_target", "read_state_log"]
 
-#: Issue targets: metric key → (comparison, threshold). ``"abs<="``: |value| ≤ threshold; ``"abs<=std"``:
-#: |value| ≤ threshold × the standard deviation of the energies (drift); ``velocity_jsd_ratio`` is the velocity
+#: Issue targets: metric key → (comparison, threshold). ``"abs<="``: ``|value| ≤ threshold``; ``"abs<=std"``:
+#: ``|value| ≤ threshold ×`` the standard deviation of the energies (drift); ``velocity_jsd_ratio`` is the velocity
 #: JSD of the backmapped trajectory divided by that of the baseline.
 TARGETS: dict[str, tuple[str, float]] = {
     "bond_score": (">=", 0.99),

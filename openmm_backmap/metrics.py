@@ -580,9 +580,9 @@ def psi_score(
     heavy_only: bool = False,
     pool_equivalent: bool = True,
 ) -> dict[str, float]:
-    """Seed 002's Ψ = Σ_i ∫ |p_i^pred(x) − p_i^ref(x)| dx over bond, angle and dihedral distributions.
+    """Seed 002's ``Ψ = Σ_i ∫ |p_i^pred(x) − p_i^ref(x)| dx`` over bond, angle and dihedral distributions.
 
-    With density histograms the integral is Σ_bins |Δp| · width, i.e. the L1 distance of the normalised
+    With density histograms the integral is ``Σ_bins |Δp| · width``, i.e. the L1 distance of the normalised
     histograms: 0 for identical and 2 for disjoint distributions, per distribution. Histograms, terms and
     arguments are those of :func:`internal_coordinate_jsd`.
 
@@ -611,7 +611,7 @@ def psi_score(
 def intra_frame_velocities(
     xyz_nm: ArrayLike, lag_ps: float, atom_indices: Sequence[int] | None = None
 ) -> np.ndarray:
-    """Per-atom speeds |v_i(t)| = |s_i(t) − s_i(t−τ)| / τ between consecutive frames (seed 003, eq. 8.9).
+    """Per-atom speeds ``|v_i(t)| = |s_i(t) − s_i(t−τ)| / τ`` between consecutive frames (seed 003, eq. 8.9).
 
     Parameters
     ----------
@@ -1038,9 +1038,9 @@ def radial_distribution(
 
 
 def rdf_l1_nm(r_nm: ArrayLike, g_ref: ArrayLike, g_pred: ArrayLike) -> float:
-    """L1 distance ∫ |g_pred(r) − g_ref(r)| dr (nm) of two g(r) on the same grid of bin centres.
+    """L1 distance ``∫ |g_pred(r) − g_ref(r)| dr`` (nm) of two g(r) on the same grid of bin centres.
 
-    Equal-width bins use the histogram sum Σ |Δg| Δr (exact for step-function g); otherwise the trapezoid
+    Equal-width bins use the histogram sum ``Σ |Δg| Δr`` (exact for step-function g); otherwise the trapezoid
     rule over ``r_nm``.
     """
     r = np.asarray(r_nm, dtype=np.float64).ravel()
