@@ -6,7 +6,8 @@ local frame (origin at its bead centroid, axes from the beads, or from the previ
 than three beads). In that frame the decoder sees
 
 * the current beads, as deviations from the kind's bead template,
-* the unit's previous AA frame, as deviations from the kind's atom template (absent in the frame-based baseline),
+* the unit's previous AA frame in its own bead-aligned frame (the unit's rigid-body motion since then removed), as
+  deviations from the kind's atom template (absent in the frame-based baseline),
 * a latent vector ``z``,
 
 and returns the current atoms as deviations from the atom template. Canonical frames make the model invariant to
@@ -83,22 +84,37 @@ class KindModel(nn.Module):
     def local_frames(self, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
                      generator: Optional[torch.Generator] = None):
         """Origins ``(U, 3)``, rotations ``(U, 3, 3)`` (local → global: ``x @ Q.T``), local beads and local previous
-        atoms (imaged next to the current beads) of ``U`` units. Coordinates in nm."""
+        atoms of ``U`` units. Coordinates in nm.
+
+        The previous atoms are expressed in the previous frame's *own* bead-aligned frame (origin at its bead
+        centroid, axes from its beads), so the rigid-body motion of the unit between the two frames is removed: a
+        CG run whose molecules translate or rotate differently from the AA training data (e.g. no centre-of-mass
+        motion remover per molecule) gives the decoder the same kind of input as training did.
+        """
+        dtype = beads.dtype
         beads = whole(beads, box)
         origin = beads.mean(dim=1)
-        if previous is not None:
-            previous = self._imaged(previous, origin, box)
+        rot = None
         if self.n_beads >= 3:
-            rot = kabsch(self.bead_template.to(beads.dtype).expand(len(beads), -1, -1), beads - origin.unsqueeze(1))
-        elif previous is not None:
-            tpl = self.atom_template.to(beads.dtype)
-            rot = kabsch((tpl - tpl.mean(0)).expand(len(beads), -1, -1), previous - previous.mean(1, keepdim=True))
-        else:
+            rot = kabsch(self.bead_template.to(dtype).expand(len(beads), -1, -1), beads - origin.unsqueeze(1))
+        local_previous = None
+        if previous is not None:
+            previous = whole(previous, box)
+            prev_beads = self.bead_weights.to(dtype) @ previous
+            prev_origin = prev_beads.mean(dim=1, keepdim=True)
+            if self.n_beads >= 3:
+                prev_rot = kabsch(self.bead_template.to(dtype).expand(len(beads), -1, -1), prev_beads - prev_origin)
+            else:  # no orientation in the beads: the previous atoms give it, to both frames
+                tpl = self.atom_template.to(dtype)
+                prev_rot = kabsch((tpl - tpl.mean(0)).expand(len(beads), -1, -1),
+                                  previous - previous.mean(1, keepdim=True))
+                rot = prev_rot
+            local_previous = (previous - prev_origin) @ prev_rot
+        if rot is None:
             if generator is None:
                 raise ValueError("units with fewer than 3 beads need the previous AA frame for their orientation")
-            rot = random_rotations(len(beads), generator, beads.dtype)
+            rot = random_rotations(len(beads), generator, dtype)
         local_beads = (beads - origin.unsqueeze(1)) @ rot
-        local_previous = previous @ rot if previous is not None else None
         return origin, rot, local_beads, local_previous
 
     def _imaged(self, atoms: torch.Tensor, origin: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
