@@ -46,7 +46,8 @@ setup(
     packages=find_packages(include=["openmm_backmap", "openmm_backmap.*"]),
     package_data={"openmm_backmap": ["data/*.yaml"]},
     install_requires=install_requires,
-    extras_require={"test": ["pytest>=7.4"], "docs": ["sphinx>=7", "myst-parser>=2"]},
+    # The test extra includes the docs tools: tests/test_docs.py builds the docs with warnings as errors.
+    extras_require={"test": ["pytest>=7.4", "sphinx>=7", "myst-parser>=2"], "docs": ["sphinx>=7", "myst-parser>=2"]},
     entry_points={"console_scripts": ["openmm-backmap=openmm_backmap.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
