@@ -295,7 +295,7 @@ def main() -> None:
         f"with the rigid-body motion removed (non-bead atoms after superposing consecutive frames on the beads) "
         f"temporal/frame-based = {local_ratio:.3f}. "
         f"Backmapping cost per frame (ms): temporal {timings['backmap_temporal_ms_per_frame']:.2f}, "
-        f"library {timings['backmap_library_ms_per_frame']:.2f}.\n\n![backmapped alanine dipeptide](backmap_alanine.png)\n"
+        f"library {timings['backmap_library_ms_per_frame']:.2f}.\n\n![backmapped alanine dipeptide](../benchmarks/results/backmap_alanine.png)\n"
     )
     save("backmap_alanine", record, md_text)
     print(md_text)

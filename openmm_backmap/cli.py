@@ -763,7 +763,7 @@ EXAMPLES = {
         Steps: AA reference MD -> backbone-cb mapping -> force-matched CG potential -> temporal backmapper and
         frame-based baseline -> CG MD with on-the-fly backmapping (aa.dcd + aa.pdb) -> offline backmapping with the
         baseline -> evaluation (report.html). Rerunning with the same --out reuses finished steps. With the
-        defaults it took 4-6 minutes on a busy 2-core machine.
+        defaults (8 ns of AA data) it took 8 minutes on a busy 2-core machine.
 
         examples:
           openmm-backmap demo --out output/demo
