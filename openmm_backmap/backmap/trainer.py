@@ -24,7 +24,6 @@ the model its own previous output for a few steps, the remedy for drift the thes
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -34,6 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from .._training import save_checkpoint, write_log
 from .._physics import BOLTZMANN_KJ_MOL_K
 from ._layout import kabsch
 from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper
@@ -522,25 +522,10 @@ class BackmapperTrainer:
             kind.library_beads = (ub - centre).float()
 
     def _write_log(self) -> None:
-        if self.log is None or not self.history:
-            return
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
-            writer.writeheader()
-            writer.writerows(self.history)
+        write_log(self.log, self.history)
 
     def _save_checkpoint(self, model, optimizer, scheduler, best_state, best, stale, epoch) -> None:
-        if self.checkpoint is None:
-            return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(self.history[0]) if self.history else []
-        state = {"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "best": best, "stale": stale, "epoch": epoch,
-                 "history_keys": keys, "history": [[row[k] for k in keys] for row in self.history]}
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        save_checkpoint(self.checkpoint, model, optimizer, scheduler, best_state, best, stale, epoch, self.history)
 
 
 def _robust_energy_loss(x: torch.Tensor, delta: float, cap: float = 50.0) -> torch.Tensor:

@@ -12,7 +12,6 @@ reference potential energy stored with each frame, centred on the training set; 
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -22,6 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from .._training import save_checkpoint, write_log
 from .model import CGPotential
 from .priors import fit_priors
 from .schnet import SchNet
@@ -285,25 +285,10 @@ class ForceMatchingTrainer:
         return potential
 
     def _write_log(self) -> None:
-        if self.log is None or not self.history:
-            return
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
-            writer.writeheader()
-            writer.writerows(self.history)
+        write_log(self.log, self.history)
 
     def _save_checkpoint(self, potential, optimizer, scheduler, best_state, best, stale, epoch) -> None:
-        if self.checkpoint is None:
-            return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(self.history[0]) if self.history else []
-        state = {"model": potential.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "best": best, "stale": stale, "epoch": epoch,
-                 "history_keys": keys, "history": [[row[k] for k in keys] for row in self.history]}
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        save_checkpoint(self.checkpoint, potential, optimizer, scheduler, best_state, best, stale, epoch, self.history)
 
 
 def _split(n: int, fractions: Sequence[float], n_blocks: int, seed: int):
