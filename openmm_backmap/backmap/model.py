@@ -8,6 +8,10 @@ than three beads). In that frame the decoder sees
 * the current beads, as deviations from the kind's bead template,
 * the unit's previous AA frame in its own bead-aligned frame (the unit's rigid-body motion since then removed), as
   deviations from the kind's atom template (absent in the frame-based baseline),
+* optionally (liquids) its local environment: the current beads and previous atoms of other units within a
+  cutoff, across periodic images, embedded point by point and summed with a smooth cutoff weight (a DeepSets /
+  continuous-filter sum: invariant to the order of the neighbours, continuous as they cross the cutoff; see
+  :mod:`._environment`),
 * a latent vector ``z``,
 
 and returns the current atoms as deviations from the atom template. Canonical frames make the model invariant to
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from .._topology import topology_from_json, topology_to_json
+from ._environment import EnvironmentIndex, Neighbors
 from ._layout import UnitKind, UnitLayout, kabsch, minimum_image, random_rotations, whole
 
 FORMAT = "openmm-backmap/backmapper"
@@ -39,7 +44,8 @@ FORMAT_VERSION = 1
 
 #: Default architecture (constructor arguments of :class:`TemporalBackmapper`).
 DEFAULT_ARCHITECTURE = {"latent_dim": 16, "hidden": 256, "n_layers": 3, "condition_on_previous": True,
-                        "length_scale_nm": 0.1}
+                        "length_scale_nm": 0.1, "environment_cutoff_nm": 0.0, "environment_neighbors": 96,
+                        "environment_dim": 64}
 
 
 def _mlp(n_in: int, hidden: int, n_out: int, n_layers: int, zero_last: bool = False) -> nn.Sequential:
@@ -60,11 +66,19 @@ class KindModel(nn.Module):
     """Encoder, decoder, templates, latent mixture and frame library of one unit kind."""
 
     def __init__(self, n_atoms: int, n_beads: int, latent_dim: int, hidden: int, n_layers: int,
-                 condition_on_previous: bool, n_mixture: int = 10, library_size: int = 0) -> None:
+                 condition_on_previous: bool, n_mixture: int = 10, library_size: int = 0,
+                 environment_types: int = 0, environment_dim: int = 64, environment_cutoff: float = 0.0) -> None:
         super().__init__()
         self.n_atoms, self.n_beads, self.latent_dim = n_atoms, n_beads, latent_dim
         self.condition_on_previous = condition_on_previous
         n_cond = 3 * n_beads + (3 * n_atoms if condition_on_previous else 0)
+        self.environment_cutoff = float(environment_cutoff)
+        self.environment_types = int(environment_types)
+        self.environment = None
+        if environment_types > 0:
+            # per-neighbour embedding of (local position / cutoff, distance / cutoff, type one-hot), summed
+            self.environment = _mlp(4 + environment_types, environment_dim, environment_dim, 2)
+            n_cond += environment_dim
         self.encoder = _mlp(3 * n_atoms + n_cond, hidden, 2 * latent_dim, n_layers)
         self.decoder = _mlp(n_cond + latent_dim, hidden, 3 * n_atoms, n_layers, zero_last=True)
         # Buffers filled by the trainer (templates, mixture, library) and saved with the weights.
@@ -131,13 +145,27 @@ class KindModel(nn.Module):
         """Atoms ``(U, n, 3)`` (nm, global) in the local frames ``(origin, rot)`` of their units."""
         return self._imaged(atoms, origin, box) @ rot
 
-    def condition(self, local_beads: torch.Tensor, local_previous: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    def condition(self, local_beads: torch.Tensor, local_previous: Optional[torch.Tensor], scale: float,
+                  environment: Optional[Neighbors] = None) -> torch.Tensor:
         parts = [((local_beads - self.bead_template) / scale).flatten(1)]
         if self.condition_on_previous:
             if local_previous is None:
                 raise ValueError("this backmapper is conditioned on the previous AA frame, but none was given")
             parts.append(((local_previous - self.atom_template) / scale).flatten(1))
+        if self.environment is not None:
+            if environment is None:
+                raise ValueError("this backmapper is conditioned on the local environment, but none was given")
+            parts.append(self.embed_environment(environment))
         return torch.cat(parts, dim=1)
+
+    def embed_environment(self, env: Neighbors) -> torch.Tensor:
+        """Sum over neighbours of the per-point embedding times the smooth cutoff weight, ``(U, environment_dim)``."""
+        dtype = self.atom_template.dtype
+        local = env.local.to(dtype) / self.environment_cutoff
+        onehot = torch.nn.functional.one_hot(env.types, self.environment_types).to(dtype)
+        feats = torch.cat([local, local.norm(dim=-1, keepdim=True), onehot], dim=-1)
+        # the sum is scaled so that inputs stay O(1) for the ~tens of neighbours of a liquid
+        return (self.environment(feats) * env.weight.to(dtype).unsqueeze(-1)).sum(dim=1) / 8.0
 
     #: Inputs are squashed smoothly into ±CLAMP (in units of the length scale) so that no input, however far
     #: off, gives an unbounded output: with the contracting direct path this bounds every autoregressive rollout.
@@ -215,6 +243,10 @@ class TemporalBackmapper(nn.Module):
         Whether the decoder sees the previous AA frame (``False`` is the frame-based baseline).
     length_scale_nm
         Coordinates enter the networks in units of this length (nm).
+    environment_cutoff_nm, environment_neighbors, environment_dim
+        Local-environment conditioning for liquids: the nearest ``environment_neighbors`` points (current beads and,
+        with ``condition_on_previous``, previous atoms of other molecules) within this cutoff (nm) of each unit,
+        embedded into ``environment_dim`` features. ``0`` (default) switches it off (a single molecule).
     n_mixture, library_size
         Components of the latent Gaussian mixture; number of library frames per kind.
     lag_ps
@@ -224,19 +256,32 @@ class TemporalBackmapper(nn.Module):
     """
 
     def __init__(self, mapping, *, latent_dim: int = 16, hidden: int = 256, n_layers: int = 3,
-                 condition_on_previous: bool = True, length_scale_nm: float = 0.1, n_mixture: int = 10,
-                 library_size: int = 2000, lag_ps: float = 0.0, metadata: Optional[dict] = None) -> None:
+                 condition_on_previous: bool = True, length_scale_nm: float = 0.1,
+                 environment_cutoff_nm: float = 0.0, environment_neighbors: int = 96, environment_dim: int = 64,
+                 n_mixture: int = 10, library_size: int = 2000, lag_ps: float = 0.0,
+                 metadata: Optional[dict] = None) -> None:
         super().__init__()
         self.mapping = mapping
         self.layout = UnitLayout(mapping)
+        if environment_cutoff_nm < 0:
+            raise ValueError(f"environment_cutoff_nm must be >= 0; got {environment_cutoff_nm}")
         self.config = {"latent_dim": int(latent_dim), "hidden": int(hidden), "n_layers": int(n_layers),
                        "condition_on_previous": bool(condition_on_previous),
-                       "length_scale_nm": float(length_scale_nm), "n_mixture": int(n_mixture),
-                       "library_size": int(library_size), "lag_ps": float(lag_ps)}
+                       "length_scale_nm": float(length_scale_nm), "environment_cutoff_nm": float(environment_cutoff_nm),
+                       "environment_neighbors": int(environment_neighbors), "environment_dim": int(environment_dim),
+                       "n_mixture": int(n_mixture), "library_size": int(library_size), "lag_ps": float(lag_ps)}
         self.metadata = dict(metadata or {})
+        self.environment_index: Optional[EnvironmentIndex] = None
+        if environment_cutoff_nm > 0:
+            top = mapping.aa_topology
+            elements = [top.atom(int(a)).element.symbol if top.atom(int(a)).element is not None else ""
+                        for a in self.layout.atoms]
+            self.environment_index = EnvironmentIndex(self.layout, mapping.bead_types, elements,
+                                                      environment_cutoff_nm, environment_neighbors)
+        n_types = self.environment_index.n_types if self.environment_index is not None else 0
         self.kinds = nn.ModuleList(
             KindModel(k.n_atoms, k.n_beads, latent_dim, hidden, n_layers, condition_on_previous, n_mixture,
-                      library_size) for k in self.layout.kinds)
+                      library_size, n_types, environment_dim, environment_cutoff_nm) for k in self.layout.kinds)
         hops = _hop_distances(mapping.aa_topology)
         for kind, model in zip(self.layout.kinds, self.kinds):
             model.bead_weights.copy_(torch.as_tensor(kind.weights))
@@ -325,6 +370,14 @@ class TemporalBackmapper(nn.Module):
         idx = self._unit_atoms[k]
         out[:, idx] = unit_atoms.view(out.shape[0], *idx.shape, 3).to(out.dtype)
 
+    def environment(self, k: int, origin: torch.Tensor, rot: torch.Tensor, beads: torch.Tensor,
+                    previous: Optional[torch.Tensor], box: Optional[torch.Tensor]) -> Optional[Neighbors]:
+        """Local environment of the units of kind ``k`` (``None`` for a model without environment conditioning);
+        see :meth:`~openmm_backmap.backmap._environment.EnvironmentIndex.neighbors`."""
+        if self.environment_index is None:
+            return None
+        return self.environment_index.neighbors(k, origin, rot, beads, previous, box)
+
     @torch.no_grad()
     def decode_frames(self, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
                       generator: torch.Generator) -> torch.Tensor:
@@ -341,7 +394,8 @@ class TemporalBackmapper(nn.Module):
                 ua = None  # the frame-based model sees no history (1-2 bead units get a random orientation)
             origin, rot, lb, lp = model.local_frames(ub, ua, ubox, generator)
             dtype = model.atom_template.dtype
-            cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale)
+            env = self.environment(k, origin, rot, beads, previous if model.condition_on_previous else None, box)
+            cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale, env)
             z = model.sample_latent(len(ub), generator)
             local = model.decode(cond, z, self.length_scale, lb.to(dtype)).to(beads.dtype)
             self.scatter(k, out, origin.unsqueeze(1) + local @ rot.transpose(-1, -2))
@@ -431,8 +485,9 @@ class TemporalBackmapper(nn.Module):
         return model
 
     def extra_repr(self) -> str:
+        env = self.config["environment_cutoff_nm"]
         return (f"units: {self.layout.describe()}; previous frame: {self.condition_on_previous}; "
-                f"lag {self.lag_ps:g} ps")
+                f"environment: {f'{env:g} nm' if env > 0 else 'none'}; lag {self.lag_ps:g} ps")
 
 
 def _hop_distances(top) -> Any:

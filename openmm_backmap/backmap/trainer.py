@@ -255,7 +255,8 @@ class BackmapperTrainer:
         ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
         origin, rot, lb, lp = kind.local_frames(ub, up, ubox, generator)
         lt = kind.to_local(ut, origin, rot, ubox)
-        return origin, rot, lb, lp, lt
+        env = model.environment(k, origin, rot, beads, previous if kind.condition_on_previous else None, box)
+        return origin, rot, lb, lp, lt, env
 
     def _losses(self, model, energy, batch, generator, lam, beta, kT):
         """Loss terms of one batch; returns (total, dict of detached terms, last predictions)."""
@@ -275,11 +276,11 @@ class BackmapperTrainer:
             pos = dist = bonded = cg = kl = 0.0
             n_kinds = len(model.kinds)
             for k, kind in enumerate(model.kinds):
-                origin, rot, lb, lp, lt = self._unit_batch(model, k, beads, prev_in.detach() if s == 0 else prev_in,
-                                                           target, batch["box"], generator)
+                origin, rot, lb, lp, lt, env = self._unit_batch(
+                    model, k, beads, prev_in.detach() if s == 0 else prev_in, target, batch["box"], generator)
                 lb, lt = lb.float(), lt.float()
                 lp = lp.float() if lp is not None else None
-                cond = kind.condition(lb, lp if kind.condition_on_previous else None, scale)
+                cond = kind.condition(lb, lp if kind.condition_on_previous else None, scale, env)
                 mu, logvar = kind.encode(lt, cond, scale)
                 z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
                 pred = kind.decode(cond, z, scale, lb)
@@ -487,10 +488,10 @@ class BackmapperTrainer:
             for start in range(0, len(pick), 1024):
                 batch = self._batch(data, pick[start:start + 1024], 0, None, {"values": None})
                 for k, kind in enumerate(model.kinds):
-                    _, _, lb, lp, lt = self._unit_batch(model, k, batch["beads"][0], batch["previous"],
-                                                        batch["targets"][0], batch["box"], generator)
+                    _, _, lb, lp, lt, env = self._unit_batch(model, k, batch["beads"][0], batch["previous"],
+                                                             batch["targets"][0], batch["box"], generator)
                     cond = kind.condition(lb.float(), lp.float() if kind.condition_on_previous else None,
-                                          model.length_scale)
+                                          model.length_scale, env)
                     mus[k].append(kind.encode(lt.float(), cond, model.length_scale)[0])
         for k, kind in enumerate(model.kinds):
             mu = torch.cat(mus[k]).double().numpy()
