@@ -68,6 +68,7 @@ def cmd_simulate(cfg: dict[str, Any]) -> Path:
         n_steps=n_steps, report_interval=cfg["interval"], temperature_K=cfg["temperature"],
         timestep_ps=cfg["timestep_fs"] / 1000, friction_per_ps=cfg["friction"],
         equilibration_steps=int(round(cfg["equilibrate_ps"] * 1000 / cfg["timestep_fs"])),
+        pressure_bar=cfg.get("pressure_bar"),
         append=cfg["append"], seed=cfg["seed"], platform=cfg["platform"], dtype=cfg["dtype"],
         settings={"system": test_system.name, **test_system.metadata},
     )
@@ -675,7 +676,7 @@ def _n_frames(path: Path, kind: str) -> int:
 DEFAULTS: dict[str, dict[str, Any]] = {
     "simulate": {"system": "alanine-dipeptide", "solvent": "obc2", "resname": "BENZ", "n_molecules": 300,
                  "ns": 1.0, "interval": 100, "timestep_fs": 2.0, "temperature": 300.0, "friction": 1.0,
-                 "equilibrate_ps": 20.0, "seed": 0, "platform": None, "dtype": "float32", "out": "aa.h5",
+                 "equilibrate_ps": 20.0, "pressure_bar": None, "seed": 0, "platform": None, "dtype": "float32", "out": "aa.h5",
                  "append": False, "overwrite": False},
     "map": {"data": None, "preset": None, "mapping": None, "out": "cg.h5", "overwrite": False},
     # hidden/cutoff_nm: openmm_backmap.potential.trainer.DEFAULT_NETWORK (checked by the tests)
@@ -707,6 +708,7 @@ EXAMPLES = {
         examples:
           openmm-backmap simulate --system alanine-dipeptide --solvent obc2 --ns 2 --out ala2.h5
           openmm-backmap simulate --system liquid --resname BENZ --n-molecules 300 --ns 0.5 --out benzene.h5
+          openmm-backmap simulate --system liquid --resname HEXA --equilibrate-ps 40 --pressure-bar 1 --out hexane.h5
           openmm-backmap simulate --out ala2.h5 --ns 4 --append     # extend the same run to 4 ns""",
     "map": """\
         examples:
@@ -803,7 +805,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timestep-fs", dest="timestep_fs", type=float, help="time step in fs (default: 2)")
     p.add_argument("--temperature", type=float, help="temperature in K (default: 300)")
     p.add_argument("--friction", type=float, help="Langevin friction in 1/ps (default: 1)")
-    p.add_argument("--equilibrate-ps", dest="equilibrate_ps", type=float, help="unstored equilibration (ps)")
+    p.add_argument("--equilibrate-ps", dest="equilibrate_ps", type=float,
+                   help="unstored equilibration before production, in ps (default: 20)")
+    p.add_argument("--pressure-bar", dest="pressure_bar", type=float,
+                   help="equilibrate NPT at this pressure (bar; periodic systems), then produce NVT in the mean box")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--platform", help="OpenMM platform (default: chosen by system size)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="storage precision (default: float32)")

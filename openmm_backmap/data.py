@@ -49,6 +49,8 @@ from .platforms import choose_platform
 FORMAT = "openmm-backmap-trajectory"
 FORMAT_VERSION = 1
 
+_AVOGADRO = 6.02214076e23  # 1/mol
+
 _FRAME_FIELDS = ("positions", "forces", "velocities")
 _UNITS = {
     "positions": "nm",
@@ -515,6 +517,8 @@ def simulate_reference(
     dtype: str = "float32",
     settings: dict[str, Any] | None = None,
     progress: bool = True,
+    pressure_bar: float | None = None,
+    barostat_interval: int = 25,
 ) -> Path:
     """Run Langevin dynamics and store frames with forces every ``report_interval`` steps.
 
@@ -534,7 +538,7 @@ def simulate_reference(
     temperature_K, timestep_ps, friction_per_ps
         LangevinMiddleIntegrator settings (K, ps, 1/ps).
     equilibration_steps
-        Unstored steps after minimization (fresh runs only).
+        Unstored steps after minimization (fresh runs only).  NPT with ``pressure_bar``, else NVT.
     minimize
         Energy-minimize before equilibration (fresh runs only).
     append
@@ -549,6 +553,18 @@ def simulate_reference(
         Extra metadata stored with the run (e.g. force field files and solvent).
     progress
         Show a progress bar.
+    pressure_bar
+        Equilibrate at this pressure (bar) before an NVT production run (periodic systems, fresh runs,
+        ``equilibration_steps > 0``): the equilibration runs with an ``openmm.MonteCarloBarostat``
+        (attempting a volume move every ``barostat_interval`` steps) on a copy of ``system``; the box of
+        the production run is the mean box of the second half of the equilibration, to which the molecule
+        centres are scaled (molecules kept rigid) before a short minimization.  ``system`` itself and the
+        System stored in the file stay without a barostat (NVT).  The settings record ``pressure_bar``,
+        ``npt_density_g_cm3`` (mean over the second half), ``npt_density_std_g_cm3``,
+        ``npt_box_samples`` and ``production_box_nm`` (the 3x3 box of the production run).  Ignored
+        when ``append`` continues an existing file.
+    barostat_interval
+        Steps between Monte Carlo volume moves with ``pressure_bar``.
 
     Returns
     -------
@@ -571,6 +587,19 @@ def simulate_reference(
     for name, value in (("temperature_K", temperature_K), ("timestep_ps", timestep_ps)):
         if not value > 0:
             raise ValueError(f"{name} must be positive, not {value}")
+    if pressure_bar is not None:
+        if not system.usesPeriodicBoundaryConditions() or topology.getPeriodicBoxVectors() is None:
+            raise ValueError("pressure_bar needs a periodic system (with box vectors in the topology); "
+                             "this one is not periodic, so there is no volume to equilibrate")
+        if int(equilibration_steps) <= 0:
+            raise ValueError("pressure_bar sets the pressure of the equilibration: pass equilibration_steps > 0")
+        if isinstance(pressure_bar, bool) or not np.isfinite(float(pressure_bar)):
+            raise ValueError(f"pressure_bar must be a finite number of bar, not {pressure_bar!r}")
+        if int(barostat_interval) < 1:
+            raise ValueError(f"barostat_interval must be a positive number of steps, not {barostat_interval}")
+        if any(isinstance(f, _BAROSTATS) for f in system.getForces()):
+            raise ValueError("the system already has a barostat; pass an NVT system with pressure_bar "
+                             "(the barostat is added for the equilibration only)")
 
     integrator = openmm.LangevinMiddleIntegrator(
         temperature_K * unit.kelvin, friction_per_ps / unit.picosecond, timestep_ps * unit.picosecond
@@ -579,6 +608,9 @@ def simulate_reference(
     simulation = app.Simulation(topology, system, integrator, choose_platform(system, platform))
 
     run_settings = {"seed": seed, "equilibration_steps": equilibration_steps, **(settings or {})}
+    if pressure_bar is not None:
+        run_settings.update(pressure_bar=float(pressure_bar), barostat_interval=int(barostat_interval),
+                            equilibration_ensemble="NPT")
     resume = append and path.exists()
     if resume:
         with AADataset(path) as existing:
@@ -611,7 +643,13 @@ def simulate_reference(
         if minimize:
             simulation.minimizeEnergy()
         simulation.context.setVelocitiesToTemperature(temperature_K * unit.kelvin, seed)
-        if equilibration_steps:
+        if equilibration_steps and pressure_bar is not None:
+            run_settings.update(_equilibrate_npt(
+                simulation, n_steps=int(equilibration_steps), pressure_bar=float(pressure_bar),
+                temperature_K=temperature_K, timestep_ps=timestep_ps, friction_per_ps=friction_per_ps,
+                barostat_interval=int(barostat_interval), seed=seed, progress=progress, label=path.name,
+            ))
+        elif equilibration_steps:
             simulation.step(equilibration_steps)
         simulation.currentStep = 0
         simulation.context.setTime(0.0)
@@ -639,6 +677,111 @@ def simulate_reference(
     finally:
         reporter.close()
     return path
+
+
+_BAROSTATS = tuple(
+    getattr(openmm, name)
+    for name in ("MonteCarloBarostat", "MonteCarloAnisotropicBarostat", "MonteCarloMembraneBarostat",
+                 "MonteCarloFlexibleBarostat")
+    if hasattr(openmm, name)
+)
+
+
+def _equilibrate_npt(
+    simulation: app.Simulation,
+    *,
+    n_steps: int,
+    pressure_bar: float,
+    temperature_K: float,
+    timestep_ps: float,
+    friction_per_ps: float,
+    barostat_interval: int,
+    seed: int,
+    progress: bool = False,
+    label: str = "",
+) -> dict[str, Any]:
+    """NPT equilibration for :func:`simulate_reference`; leaves ``simulation`` ready for NVT production.
+
+    Runs ``n_steps`` on a copy of the simulation's System with a ``MonteCarloBarostat`` (in its own
+    Context on the same platform), samples the box about every 100 steps in the second half, then sets
+    ``simulation``'s box to the mean sampled box, scales the molecule centres (mass-weighted) from the
+    final box to it with every molecule kept rigid, and minimizes briefly.  Returns the settings to record.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    system = simulation.system
+    npt_system = copy.deepcopy(system)
+    barostat = openmm.MonteCarloBarostat(pressure_bar * unit.bar, temperature_K * unit.kelvin, barostat_interval)
+    barostat.setRandomNumberSeed(seed)
+    npt_system.addForce(barostat)
+    integrator = openmm.LangevinMiddleIntegrator(
+        temperature_K * unit.kelvin, friction_per_ps / unit.picosecond, timestep_ps * unit.picosecond
+    )
+    integrator.setRandomNumberSeed(seed)
+    context = openmm.Context(npt_system, integrator, simulation.context.getPlatform())
+    try:
+        start = simulation.context.getState(getPositions=True, getVelocities=True)
+        context.setPeriodicBoxVectors(*start.getPeriodicBoxVectors())
+        context.setPositions(start.getPositions(asNumpy=True))
+        context.setVelocities(start.getVelocities(asNumpy=True))
+
+        first = n_steps // 2
+        second = n_steps - first
+        sample_every = max(1, min(100, second // 10))
+        boxes = []
+        with tqdm(total=n_steps, unit="step", disable=not progress, desc=f"NPT equilibration -> {label}") as bar:
+            done = 0
+            while done < first:
+                chunk = min(1000, first - done)
+                integrator.step(chunk)
+                done += chunk
+                bar.update(chunk)
+            done = 0
+            while done < second:
+                chunk = min(sample_every, second - done)
+                integrator.step(chunk)
+                done += chunk
+                bar.update(chunk)
+                boxes.append(context.getState().getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
+        end = context.getState(getPositions=True, getVelocities=True, getEnergy=True)
+        energy = end.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+        check_finite(np.array([energy]), name="energy after NPT equilibration")
+        final_box = end.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
+        positions = end.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        velocities = end.getVelocities(asNumpy=True)
+        molecules = [list(m) for m in context.getMolecules()]
+    finally:
+        del context, integrator
+
+    boxes = np.asarray(boxes, dtype=np.float64)
+    mean_box = boxes.mean(axis=0)
+    masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(system.getNumParticles())])
+    grams = masses.sum() / _AVOGADRO
+    densities = grams / (np.abs(np.linalg.det(boxes)) * 1e-21)  # g/cm3
+
+    # Affine scaling of molecule centres from the final box to the mean box; each molecule moves rigidly.
+    to_mean = np.linalg.solve(final_box, mean_box)  # fractional coordinates: r = f @ box (rows a, b, c)
+    scaled = positions.copy()
+    for atoms in molecules:
+        idx = np.asarray(atoms)
+        w = masses[idx]
+        centre = (w @ positions[idx]) / w.sum() if w.sum() > 0 else positions[idx].mean(axis=0)
+        scaled[idx] += centre @ to_mean - centre
+    simulation.context.setPeriodicBoxVectors(*mean_box)
+    simulation.context.setPositions(scaled)
+    simulation.context.setVelocities(velocities)
+    simulation.context.applyConstraints(1e-8)
+    simulation.minimizeEnergy(maxIterations=200)
+    return {
+        "npt_density_g_cm3": float(densities.mean()),
+        "npt_density_std_g_cm3": float(densities.std()),
+        "npt_box_samples": int(len(boxes)),
+        "production_box_nm": mean_box.tolist(),
+        "production_density_g_cm3": float(grams / (abs(np.linalg.det(mean_box)) * 1e-21)),
+    }
+
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -239,6 +239,64 @@ def test_block_split_is_contiguous_disjoint_and_reproducible():
         block_split(100, (0.5, -0.5))
 
 
+@pytest.fixture(scope="module")
+def benzene_box():
+    # 30 benzene molecules: a 1.65 nm box, so a 0.7 nm cutoff
+    return systems.liquid("BENZ", 30, seed=0, cutoff_nm=0.7, switch_nm=0.6)
+
+
+def test_npt_equilibration_then_nvt_production(benzene_box, tmp_path):
+    liq = benzene_box
+    n_forces = liq.system.getNumForces()
+    start_box = np.asarray(liq.topology.getPeriodicBoxVectors().value_in_unit(u.nanometer))
+    path = tmp_path / "benz.h5"
+    kw = dict(report_interval=20, equilibration_steps=400, pressure_bar=1.0, barostat_interval=5, platform="CPU",
+              progress=False, seed=1)
+    simulate_reference(path, liq.topology, liq.system, liq.positions, n_steps=100, **kw)
+    assert liq.system.getNumForces() == n_forces  # the caller's System gets no barostat
+    with AADataset(path) as ds:
+        settings = ds.settings
+        boxes = ds.box_vectors[:]
+        assert not any(isinstance(f, openmm.MonteCarloBarostat) for f in ds.system.getForces())
+    assert settings["pressure_bar"] == 1.0 and settings["equilibration_ensemble"] == "NPT"
+    assert settings["npt_box_samples"] == 10  # second half (200 steps) sampled every 20 steps
+    box = np.asarray(settings["production_box_nm"])
+    assert not np.allclose(box, start_box, atol=1e-6)  # the barostat changed the volume
+    np.testing.assert_allclose(boxes, np.broadcast_to(box, boxes.shape), atol=1e-12)  # NVT: one box throughout
+    mass = sum(liq.system.getParticleMass(i).value_in_unit(u.dalton) for i in range(liq.system.getNumParticles()))
+    density = mass / 6.02214076e23 / (np.linalg.det(box) * 1e-21)
+    assert settings["production_density_g_cm3"] == pytest.approx(density)
+    assert 0.6 < settings["npt_density_g_cm3"] < 1.2
+    assert abs(settings["npt_density_g_cm3"] - density) < 3 * settings["npt_density_std_g_cm3"] + 1e-9
+
+    # append continues NVT in the stored box (no second equilibration) and keeps the recorded settings
+    simulate_reference(path, liq.topology, liq.system, liq.positions, n_steps=140, append=True, **kw)
+    with AADataset(path) as ds:
+        np.testing.assert_array_equal(ds.step, np.arange(20, 141, 20))
+        np.testing.assert_allclose(ds.box_vectors[:], np.broadcast_to(box, (7, 3, 3)), atol=1e-12)
+        assert ds.settings == settings
+
+
+def test_npt_is_refused_without_a_box_or_equilibration(adp, benzene_box, tmp_path):
+    with pytest.raises(ValueError, match="periodic"):
+        simulate_reference(tmp_path / "a.h5", adp.topology, adp.system, adp.positions, n_steps=20,
+                           report_interval=10, equilibration_steps=100, pressure_bar=1.0, progress=False)
+    liq = benzene_box
+    with pytest.raises(ValueError, match="equilibration_steps > 0"):
+        simulate_reference(tmp_path / "b.h5", liq.topology, liq.system, liq.positions, n_steps=20,
+                           report_interval=10, pressure_bar=1.0, progress=False)
+    with pytest.raises(ValueError, match="barostat_interval"):
+        simulate_reference(tmp_path / "b.h5", liq.topology, liq.system, liq.positions, n_steps=20,
+                           report_interval=10, equilibration_steps=10, pressure_bar=1.0, barostat_interval=0,
+                           progress=False)
+    npt = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(liq.system))
+    npt.addForce(openmm.MonteCarloBarostat(1 * u.bar, 300 * u.kelvin))
+    with pytest.raises(ValueError, match="already has a barostat"):
+        simulate_reference(tmp_path / "b.h5", liq.topology, npt, liq.positions, n_steps=20,
+                           report_interval=10, equilibration_steps=10, pressure_bar=1.0, progress=False)
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()
+
+
 def test_bad_input_is_refused_and_files_untouched(adp, adp_run, water_box, tmp_path):
     with pytest.raises(FileNotFoundError):
         AADataset(tmp_path / "missing.h5")
