@@ -6,6 +6,11 @@ logarithm (so 0 <= JSD <= ln 2); the φ/ψ free-energy-surface JSD uses a 36×36
 Backmapping evaluation (DESIGN.md "Metrics"): bond and clash scores, energy-distribution comparison,
 bond/angle/dihedral JSDs and seed 002's Ψ, intra-frame velocities (seed 003, eq. 8.9), MSM implied
 timescales with Bayesian confidence intervals (deeptime), Kabsch RMSD, and g(r) with its L1 distance.
+
+Condensed phase (DBM, seed 001): per-molecule intermolecular Lennard-Jones energies from the system's own
+parameters (:func:`molecule_lj_energies`), intermolecular element–element g(r) (:func:`intermolecular_rdf`), and
+the fraction of molecules with an intermolecular clash (``clash_score(..., groups="molecule", scope="inter",
+box_vectors_nm=box)``).
 Units: lengths in nm, times in ps, energies in kJ/mol, angles in radians.
 """
 from __future__ import annotations
@@ -1055,3 +1060,235 @@ def rdf_l1_nm(r_nm: ArrayLike, g_ref: ArrayLike, g_pred: ArrayLike) -> float:
     if np.allclose(dr, dr[0], rtol=1e-6):
         return float(diff.sum() * dr[0])
     return float(np.sum(0.5 * (diff[1:] + diff[:-1]) * dr))
+
+
+# --- condensed-phase (liquid) metrics --------------------------------------------------------------
+
+#: CustomNonbondedForce energy of charmm36.xml's tabulated (NBFIX-capable) Lennard-Jones, spaces removed
+_TABULATED_LJ = "acoef(type1,type2)/r^12-bcoef(type1,type2)/r^6"
+
+
+def _lennard_jones_terms(system: Any, n_atoms: int) -> list[dict[str, Any]]:
+    """Lennard-Jones parameters of every force of ``system`` that carries them.
+
+    Returns one dict per force: ``name``, ``pair`` (a function of index arrays ``i, j`` giving the A and B of
+    ``A/r^12 - B/r^6``), ``atoms`` (atoms with any Lennard-Jones interaction), ``periodic``, ``cutoff_nm``
+    (``None``: no cutoff), ``switch_nm`` (``None``: no switch) and ``excluded`` (sparse matrix of pairs the
+    force excludes, or ``None``).
+    """
+    import openmm
+    from openmm import unit
+
+    if system.getNumParticles() != n_atoms:
+        raise ValueError(f"the system has {system.getNumParticles()} particles but the coordinates {n_atoms} atoms")
+    terms = []
+    for k, force in enumerate(system.getForces()):
+        if isinstance(force, openmm.NonbondedForce):
+            method = force.getNonbondedMethod()
+            if method == openmm.NonbondedForce.LJPME:
+                raise ValueError(f"force {k} (NonbondedForce) uses LJPME: its long-range Lennard-Jones lives in "
+                                 "reciprocal space and has no per-molecule split; use a cutoff method")
+            params = [force.getParticleParameters(i) for i in range(n_atoms)]
+            sigma = np.array([p[1].value_in_unit(unit.nanometer) for p in params], dtype=np.float64)
+            epsilon = np.array([p[2].value_in_unit(unit.kilojoule_per_mole) for p in params], dtype=np.float64)
+
+            def pair(i, j, sigma=sigma, epsilon=epsilon):  # Lorentz-Berthelot
+                s6 = (0.5 * (sigma[i] + sigma[j])) ** 6
+                e4 = 4.0 * np.sqrt(epsilon[i] * epsilon[j])
+                return e4 * s6 * s6, e4 * s6
+
+            excluded = [force.getExceptionParameters(e)[:2] for e in range(force.getNumExceptions())]
+            cutoff = method != openmm.NonbondedForce.NoCutoff
+            terms.append({"name": f"force {k} (NonbondedForce)", "pair": pair, "atoms": np.flatnonzero(epsilon != 0),
+                          "periodic": method not in (openmm.NonbondedForce.NoCutoff,
+                                                     openmm.NonbondedForce.CutoffNonPeriodic),
+                          "cutoff_nm": force.getCutoffDistance().value_in_unit(unit.nanometer)
+                          if cutoff else None,
+                          "switch_nm": force.getSwitchingDistance().value_in_unit(unit.nanometer)
+                          if cutoff and force.getUseSwitchingFunction() else None,
+                          "excluded": excluded})
+        elif isinstance(force, openmm.CustomNonbondedForce):
+            name = f"force {k} (CustomNonbondedForce, energy {force.getEnergyFunction()!r})"
+            tables = {force.getTabulatedFunctionName(t): force.getTabulatedFunction(t)
+                      for t in range(force.getNumTabulatedFunctions())}
+            supported = (
+                force.getEnergyFunction().replace(" ", "").rstrip(";") == _TABULATED_LJ
+                and force.getNumPerParticleParameters() == 1 and force.getPerParticleParameterName(0) == "type"
+                and set(tables) == {"acoef", "bcoef"}
+                and all(isinstance(t, openmm.Discrete2DFunction) for t in tables.values())
+                and force.getNumInteractionGroups() == 0 and force.getNumComputedValues() == 0
+                and force.getNumGlobalParameters() == 0
+            )
+            if not supported:
+                raise ValueError(f"{name} is not supported: only NonbondedForce (Lorentz-Berthelot) and CHARMM's "
+                                 f"tabulated Lennard-Jones {_TABULATED_LJ!r} (NBFIX) are understood")
+            coef = {}
+            for key, table in tables.items():
+                nx, ny, values = table.getFunctionParameters()
+                coef[key] = np.reshape(np.asarray(values, dtype=np.float64), (ny, nx)).T  # x = type1 fastest
+            types = np.array([int(round(force.getParticleParameters(i)[0])) for i in range(n_atoms)], dtype=np.int64)
+
+            def pair(i, j, a=coef["acoef"], b=coef["bcoef"], t=types):
+                return a[t[i], t[j]], b[t[i], t[j]]
+
+            active = (np.abs(coef["acoef"]).sum(axis=1) + np.abs(coef["bcoef"]).sum(axis=1)) > 0
+            method = force.getNonbondedMethod()
+            cutoff = method != openmm.CustomNonbondedForce.NoCutoff
+            terms.append({"name": name, "pair": pair, "atoms": np.flatnonzero(active[types]),
+                          "periodic": method == openmm.CustomNonbondedForce.CutoffPeriodic,
+                          "cutoff_nm": force.getCutoffDistance().value_in_unit(unit.nanometer)
+                          if cutoff else None,
+                          "switch_nm": force.getSwitchingDistance().value_in_unit(unit.nanometer)
+                          if cutoff and force.getUseSwitchingFunction() else None,
+                          "excluded": [force.getExclusionParticles(e) for e in range(force.getNumExclusions())]})
+    if not terms:
+        raise ValueError("the system has no NonbondedForce or CustomNonbondedForce: no Lennard-Jones to evaluate")
+    return terms
+
+
+def molecule_lj_energies(
+    xyz_nm: ArrayLike,
+    system: Any,
+    topology: Any,
+    box_vectors_nm: ArrayLike | None = None,
+    cutoff_nm: float | None = None,
+) -> np.ndarray:
+    """Intermolecular Lennard-Jones energy of every molecule (DBM, seed 001 Fig. 4), kJ/mol.
+
+    Convention: each intermolecular pair's energy is split half/half between its two molecules, so the sum over
+    the molecules of a frame is the system's total intermolecular Lennard-Jones energy. (The full interaction of
+    one molecule with its environment, ``Σ_j E_ij``, is exactly twice this value.) Intramolecular pairs are left
+    out, and so is the long-range dispersion correction (a constant per box, not a per-molecule quantity).
+
+    Parameters come from the system as OpenMM evaluates it: per-particle σ, ε of the ``openmm.NonbondedForce``
+    with Lorentz–Berthelot combination (σ_ij = (σ_i + σ_j)/2, ε_ij = √(ε_i ε_j)), plus CHARMM's tabulated
+    ``CustomNonbondedForce`` ``acoef(type1, type2)/r^12 - bcoef(type1, type2)/r^6`` (``charmm36.xml``, NBFIX
+    pairs included) when present. Each force keeps its own cutoff and OpenMM's potential switch
+    S(x) = 1 − 10x³ + 15x⁴ − 6x⁵, x = (r − r_switch)/(r_cut − r_switch), if it uses one; the energy is not
+    shifted at the cutoff (as in OpenMM). Pairs come from a kd-tree (linear in the number of atoms).
+
+    Parameters
+    ----------
+    xyz_nm
+        ``(n_frames, n_atoms, 3)`` or ``(n_atoms, 3)`` coordinates in nm of all particles of ``system``.
+    system
+        The ``openmm.System``.
+    topology
+        mdtraj or OpenMM topology with bonds; molecules are its connected components, numbered by their lowest
+        atom index.
+    box_vectors_nm
+        Box (rows a, b, c in nm; orthorhombic or triclinic), ``(3, 3)`` or ``(n_frames, 3, 3)``. Required when a
+        force is periodic (distances then use the minimum image; the cutoff must not exceed half the smallest
+        box width); ignored by non-periodic forces.
+    cutoff_nm
+        Cutoff overriding the forces' own (default: each force's cutoff; forces without one use all pairs). It
+        must exceed a force's switching distance.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_frames, n_molecules)`` energies in kJ/mol.
+
+    Raises
+    ------
+    ValueError
+        Unsupported force (LJPME, a CustomNonbondedForce other than the tabulated Lennard-Jones), exceptions or
+        exclusions between different molecules, a missing box for a periodic force, or mismatched sizes.
+    """
+    top = _as_mdtraj_topology(topology)
+    xyz = _as_frames(xyz_nm)
+    if xyz.shape[1] != top.n_atoms:
+        raise ValueError(f"coordinates have {xyz.shape[1]} atoms, topology {top.n_atoms}")
+    if not np.isfinite(xyz).all():
+        raise ValueError("xyz_nm contains NaN or infinite values")
+    boxes = _as_boxes(box_vectors_nm, len(xyz))
+    if cutoff_nm is not None and not cutoff_nm > 0:
+        raise ValueError(f"cutoff_nm must be positive; got {cutoff_nm}")
+    terms = _lennard_jones_terms(system, top.n_atoms)
+    molecule = _molecule_index(top)
+    n_molecules = int(molecule.max()) + 1 if len(molecule) else 0
+    out = np.zeros((len(xyz), n_molecules))
+    for term in terms:
+        excluded = np.asarray(term["excluded"], dtype=np.int64).reshape(-1, 2)
+        inter = molecule[excluded[:, 0]] != molecule[excluded[:, 1]]
+        if inter.any():
+            i, j = excluded[np.argmax(inter)]
+            raise ValueError(f"{term['name']} has an exception/exclusion between atoms {i} and {j} of different "
+                             "molecules; intermolecular exceptions are not supported")
+        cutoff = term["cutoff_nm"] if cutoff_nm is None else float(cutoff_nm)
+        switch = term["switch_nm"]
+        if switch is not None and cutoff is not None and not switch < cutoff:
+            raise ValueError(f"cutoff_nm={cutoff} must exceed the switching distance {switch} nm of {term['name']}")
+        if term["periodic"] and boxes is None:
+            raise ValueError(f"{term['name']} is periodic: pass box_vectors_nm")
+        atoms = term["atoms"]
+        if len(atoms) < 2:
+            continue
+        for f in range(len(xyz)):
+            pos = xyz[f, atoms]
+            box = boxes[f] if term["periodic"] else None
+            if cutoff is None:  # every pair
+                i, j = np.triu_indices(len(atoms), k=1)
+                d = np.linalg.norm(pos[j] - pos[i], axis=-1)
+            else:
+                i, j, d = _pairs_within(pos, None, box, cutoff)
+            i, j = atoms[i], atoms[j]
+            keep = molecule[i] != molecule[j]
+            if cutoff is not None:
+                keep &= d < cutoff  # kd-tree radii are inclusive; OpenMM's cutoff is not
+            i, j, d = i[keep], j[keep], d[keep]
+            a, b = term["pair"](i, j)
+            inv6 = d ** -6
+            energy = (a * inv6 - b) * inv6
+            if switch is not None:
+                x = np.clip((d - switch) / (cutoff - switch), 0.0, 1.0)
+                energy = energy * (1.0 - x ** 3 * (10.0 - x * (15.0 - 6.0 * x)))
+            out[f] += 0.5 * (np.bincount(molecule[i], energy, minlength=n_molecules)
+                             + np.bincount(molecule[j], energy, minlength=n_molecules))
+    return out
+
+
+def intermolecular_rdf(
+    xyz_nm: ArrayLike,
+    box_vectors_nm: ArrayLike,
+    topology: Any,
+    element: str = "C",
+    r_max_nm: float = 1.2,
+    n_bins: int = 120,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Intermolecular atom–atom g(r) between the atoms of one element (e.g. C–C in a hydrocarbon liquid).
+
+    Pairs of atoms of the same molecule (connected component of the bond graph) are left out of the counts and
+    of the ideal-gas normalisation, so g → 1 at large r (see :func:`radial_distribution`). Compare two of them
+    with :func:`rdf_l1_nm`.
+
+    Parameters
+    ----------
+    xyz_nm
+        ``(n_frames, n_atoms, 3)`` or ``(n_atoms, 3)`` coordinates in nm.
+    box_vectors_nm
+        Box vectors (rows a, b, c, nm), ``(3, 3)`` or ``(n_frames, 3, 3)``, orthorhombic or triclinic;
+        ``r_max_nm`` must not exceed half the smallest perpendicular box width.
+    topology
+        mdtraj or OpenMM topology with bonds and elements.
+    element
+        Element symbol (case-insensitive).
+    r_max_nm, n_bins
+        Range [0, r_max_nm] (nm) and its number of equal-width bins.
+
+    Returns
+    -------
+    r_nm, g
+        Bin centres (nm) and g(r), both ``(n_bins,)``.
+    """
+    top = _as_mdtraj_topology(topology)
+    symbol = str(element).strip().lower()
+    atoms = np.array([a.index for a in top.atoms if a.element is not None and a.element.symbol.lower() == symbol],
+                     dtype=np.int64)
+    if len(atoms) == 0:
+        raise ValueError(f"the topology has no atoms of element {element!r}")
+    xyz = _as_frames(xyz_nm)
+    if xyz.shape[1] != top.n_atoms:
+        raise ValueError(f"coordinates have {xyz.shape[1]} atoms, topology {top.n_atoms}")
+    return radial_distribution(xyz, box_vectors_nm, atoms, r_max_nm=r_max_nm, n_bins=n_bins,
+                               exclude_same_molecule=_molecule_index(top))

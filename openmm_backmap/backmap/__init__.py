@@ -3,10 +3,15 @@
 ``BackmapperTrainer(mapping, aa_dataset, ...).fit() -> TemporalBackmapper``; ``backmapper.chain()`` backmaps frame
 by frame (used by :class:`~openmm_backmap.reporters.BackmapReporter`), ``backmapper.backmap_trajectory()`` a
 whole array.
+
+``KNNRegressionBaseline(mapping).fit(aa_dataset) -> KNNBackmapperModel`` is the per-molecule kNN regression
+baseline of seed 000 (frame by frame, no temporal coherence).
 """
+from .baseline import KNNBackmapper, KNNBackmapperModel, KNNRegressionBaseline
 from .inference import BackmapChain
 from .model import TemporalBackmapper
 from .offline import backmap, read_cg_trajectory
 from .trainer import BackmapperTrainer
 
-__all__ = ["BackmapChain", "BackmapperTrainer", "TemporalBackmapper", "backmap", "read_cg_trajectory"]
+__all__ = ["BackmapChain", "BackmapperTrainer", "KNNBackmapper", "KNNBackmapperModel", "KNNRegressionBaseline",
+           "TemporalBackmapper", "backmap", "read_cg_trajectory"]
