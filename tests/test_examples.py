@@ -58,3 +58,28 @@ def test_train_run_and_backmap_examples(tmp_path):
     assert "aa.dcd: 4 frames of 22 atoms" in out and "aa_library.dcd: 4 frames of 22 atoms" in out
     library = md.load(str(offline / "aa_library.dcd"), top=str(offline / "aa_library.pdb"))
     assert np.isfinite(library.xyz).all()
+
+
+def test_benzene_liquid_example(tmp_path):
+    """benzene_liquid.py: NPT -> NVT data, CG potential, environment backmapper, CG run backmapped on the fly."""
+    import mdtraj as md
+
+    from openmm_backmap.backmap import TemporalBackmapper
+    from openmm_backmap.formats import existing_steps
+
+    out_dir = tmp_path / "benzene"
+    out = _run("benzene_liquid.py", "--molecules", "40", "--cutoff-nm", "0.6", "--npt-ps", "1", "--aa-ps", "4",
+               "--epochs", "2", "--cg-ps", "2", "--out", out_dir)
+    with AADataset(out_dir / "aa.h5") as aa:
+        assert aa.n_frames == 40 and aa.settings["pressure_bar"] == 1.0
+        assert 0.6 < aa.settings["production_density_g_cm3"] < 1.1  # benzene: 0.87 g/cm3
+        box = aa.box_vectors[-1]
+    backmapper = TemporalBackmapper.load(out_dir / "backmapper.pt")
+    assert backmapper.config["environment_cutoff_nm"] == 0.6 and backmapper.lag_ps == 0.1
+    # 2 ps of 4 fs steps, one AA frame per 0.1 ps (25 steps), box written with every frame
+    assert list(existing_steps(out_dir / "aa_run.dcd")) == list(range(25, 501, 25))
+    run = md.load(str(out_dir / "aa_run.dcd"), top=str(out_dir / "aa_run.pdb"))
+    assert run.n_atoms == 480 and run.topology.n_residues == 40
+    np.testing.assert_allclose(run.unitcell_vectors[0], box, atol=1e-4)
+    clash = float(out.split("intermolecular clash score ")[1].split()[0])
+    assert clash < 0.05
