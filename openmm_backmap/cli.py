@@ -239,7 +239,7 @@ def cmd_train_backmapper(cfg: dict[str, Any]) -> Path:
         print(f"note: frames are {spacing:g} ps apart; training on a lag of {stride * spacing:g} ps "
               f"(stride {stride}) instead of {lag:g} ps")
     frame_based = bool(cfg["frame_based"])
-    architecture = {"hidden": int(cfg["hidden"])}
+    architecture = {"hidden": int(cfg["hidden"]), "environment_cutoff_nm": float(cfg["environment_cutoff_nm"])}
     if frame_based:
         architecture["condition_on_previous"] = False
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -687,7 +687,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # hidden: openmm_backmap.backmap.model.DEFAULT_ARCHITECTURE (checked by the tests)
     "train-backmapper": {"data": None, "preset": None, "mapping": None, "out": "backmapper.pt", "lag_ps": 1.0,
                          "epochs": 50, "batch_size": 128, "lr": 1e-3, "patience": 10, "max_frames": None,
-                         "frame_based": False, "no_energy": False, "hidden": 256, "seed": 0, "resume": False,
+                         "frame_based": False, "no_energy": False, "hidden": 256, "environment_cutoff_nm": 0.0,
+                         "seed": 0, "resume": False,
                          "overwrite": False, "threads": 1},
     "run": {"potential": None, "backmapper": None, "data": None, "start_frame": 0, "out": "cg_run", "ns": 0.1,
             "timestep_fs": 4.0, "temperature": 300.0, "friction": 1.0, "interval": None, "backend": "torch",
@@ -733,7 +734,9 @@ EXAMPLES = {
         examples:
           openmm-backmap train-backmapper --data ala2.h5 --preset backbone-cb --lag-ps 1 --out backmapper.pt
           openmm-backmap train-backmapper --data ala2.h5 --preset backbone-cb --frame-based --out baseline.pt
-          openmm-backmap train-backmapper --data ala2.h5 --mapping map.yaml --epochs 80 --out backmapper.pt --resume""",
+          openmm-backmap train-backmapper --data ala2.h5 --mapping map.yaml --epochs 80 --out backmapper.pt --resume
+          openmm-backmap train-backmapper --data benzene.h5 --preset benzene-3bead --lag-ps 0.1 --no-energy \\
+              --environment-cutoff 0.6 --batch-size 4 --out benzene_backmapper.pt""",
     "run": """\
         Writes into OUT: cg.dcd + cg.pdb (CG trajectory), cg_log.csv (energies, temperature, speed), checkpoint.chk,
         aa.dcd + aa.pdb (the backmapped AA trajectory), current.pdb (the latest AA frame, for a viewer), and
@@ -863,6 +866,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-energy", dest="no_energy", action="store_true",
                    help="train without the AA energy term (faster)")
     p.add_argument("--hidden", type=int, help="width of the hidden layers (default: 256)")
+    p.add_argument("--environment-cutoff", dest="environment_cutoff_nm", type=float,
+                   help="liquids: condition every molecule on the beads and previous atoms of its neighbours "
+                        "within this distance in nm, e.g. 0.6 (default: 0, off)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT-stem.checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

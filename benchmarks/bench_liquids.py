@@ -1,0 +1,492 @@
+"""Molecular liquids end to end (issue 6): CG potentials, size transfer, backmapping, baselines, speed.
+
+AA reference data come from ``benchmarks/liquid_data.py`` (CHARMM36/CGenFF, PME, NPT-equilibrated at 300 K and
+1 bar, then NVT production with forces): ``results/work_liquids/aa_<liquid>.h5``. For every liquid and map:
+
+* **CG potential** (priors + SchNet, force matching on the first 80 % of the frames) exported as a TorchForce
+  and run with Langevin dynamics in the AA box: temperature and potential-energy traces, blow-ups, drift, the
+  centre-of-mass g(r) L1 distance against the mapped AA reference (0–1.2 nm) and, for multi-bead maps, the CG
+  bond/angle distribution JSDs. For benzene's one-bead map, trained with and without the energy term of seed 004
+  eq. 6. **Size transfer**: the same potential transferred to the 2×2×2 tiled box (8× the molecules) and run.
+* **Backmapping** of the held-out last 20 % of the AA frames (mapped to CG), autoregressively, with the temporal
+  model (local environment + previous frame), the frame-based baseline (local environment, no previous frame),
+  the library lookup and the kNN regression of seed 000: intermolecular clash score, intermolecular C–C g(r)
+  L1 distance, per-molecule Lennard-Jones energy JSD (DBM Fig. 4), bond score, intra-frame velocity JSD.
+* **Speed**: latency of backmapping one frame for boxes of about 300, 1200 and 3600 molecules (tiled), and CG vs
+  AA simulated ns/day on this machine, side by side.
+
+    python benchmarks/bench_liquids.py [--liquids benzene] [--sections cg,backmap,speed] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, save  # noqa: E402
+
+import openmm  # noqa: E402
+import openmm.app as app  # noqa: E402
+from openmm import unit as u  # noqa: E402
+
+from openmm_backmap import metrics, systems  # noqa: E402
+from openmm_backmap.backmap import BackmapperTrainer, TemporalBackmapper  # noqa: E402
+from openmm_backmap.data import AADataset, CGDataset  # noqa: E402
+from openmm_backmap.mapping import CGMapping, map_dataset  # noqa: E402
+from openmm_backmap.potential import CGPotential, ForceMatchingTrainer, create_cg_system  # noqa: E402
+from openmm_backmap.reporters import CGRunGuard, SimulationBlowUp  # noqa: E402
+from openmm_backmap._physics import BOLTZMANN_KJ_MOL_K  # noqa: E402
+
+WORK = RESULTS / "work_liquids"
+#: (liquid, map label, mapping preset, CG time step in fs, energy weights to train with)
+CASES = {
+    "benzene": [("1-bead", "molecule", 5.0, (0.0, 0.1)), ("3-bead", "benzene-3bead", 4.0, (0.1,))],
+    "hexane": [("3-bead", "hexane-3bead", 4.0, (0.1,))],
+    "cumene": [("3-bead", "cumene-3bead", 4.0, (0.1,))],
+}
+TARGETS = {"com_rdf_l1_nm": 0.05, "bonded_jsd": 0.02, "clash": 0.001, "cc_rdf_l1_nm": 0.05, "lj_jsd": 0.05,
+           "bond_score": 0.99, "velocity_ratio": 1 / 3, "latency_300_ms": 100.0}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def r_max(box: np.ndarray) -> float:
+    """g(r) range: 1.2 nm (the targets' range), or less than half the box in small (quick) boxes."""
+    box = np.asarray(box).reshape(-1, 3, 3)
+    return float(min(1.2, 0.49 * np.diagonal(box, axis1=1, axis2=2).min()))
+
+
+def com_rdf(xyz_beads: np.ndarray, box: np.ndarray, units: np.ndarray, masses: np.ndarray, rmax: float = 1.2):
+    """Centre-of-mass g(r) of molecules from bead coordinates (molecules made whole by the caller)."""
+    w = masses[units] / masses[units].sum(axis=1, keepdims=True)
+    com = (xyz_beads[:, units] * w[None, ..., None]).sum(axis=2)
+    idx = np.arange(com.shape[1])
+    return metrics.radial_distribution(com, box, idx, idx, r_max_nm=rmax, n_bins=int(round(rmax * 100)))
+
+
+def bead_units(mapping) -> np.ndarray:
+    from openmm_backmap.backmap._layout import UnitLayout
+
+    kinds = UnitLayout(mapping).kinds
+    if len(kinds) != 1:
+        raise ValueError("a neat liquid has one kind of molecule")
+    return kinds[0].bead_index
+
+
+def run_cg(mapping, potential, start_nm, box, *, n_steps, dt_fs, report_ps=1.0, seed=1, temperature_K=300.0):
+    """Langevin CG MD with the TorchForce on the Reference platform; frames, traces and blow-up info."""
+    system = create_cg_system(mapping, potential, box_vectors_nm=box)
+    integrator = openmm.LangevinMiddleIntegrator(temperature_K * u.kelvin, 1 / u.picosecond, dt_fs * u.femtosecond)
+    integrator.setRandomNumberSeed(seed)
+    top = app.Topology()
+    chain = top.addChain()
+    for units in bead_units(mapping):
+        res = top.addResidue("CG", chain)
+        for b in units:
+            top.addAtom(mapping.bead_names[b], app.Element.getBySymbol("C"), res)
+    top.setPeriodicBoxVectors(box * u.nanometer)
+    sim = app.Simulation(top, system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    sim.context.setPeriodicBoxVectors(*box)
+    sim.context.setPositions(start_nm)
+    sim.context.setVelocitiesToTemperature(temperature_K * u.kelvin, seed)
+    every = max(1, int(round(report_ps * 1000 / dt_fs)))
+    sim.reporters.append(CGRunGuard(every, max_temperature_K=3 * temperature_K, max_energy_rise_kj_mol=1e5))
+    dof = 3 * system.getNumParticles() - 3
+    frames, temps, energies, blew = [], [], [], None
+    t0 = time.perf_counter()
+    try:
+        for _ in range(n_steps // every):
+            sim.step(every)
+            st = sim.context.getState(getPositions=True, getEnergy=True)
+            frames.append(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+            temps.append(2 * st.getKineticEnergy().value_in_unit(u.kilojoule_per_mole) / (dof * BOLTZMANN_KJ_MOL_K))
+            energies.append(st.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole))
+    except SimulationBlowUp as exc:
+        blew = str(exc)
+    seconds = time.perf_counter() - t0
+    temps, energies = np.array(temps), np.array(energies)
+    info = {"blow_up": blew, "steps_done": int(sim.currentStep), "ps": sim.currentStep * dt_fs / 1000,
+            "seconds": seconds, "steps_per_s": sim.currentStep / seconds, "ns_per_day": sim.currentStep * dt_fs
+            * 1e-6 / seconds * 86400, "temperature_trace_K": temps.round(2).tolist(),
+            "energy_trace_kj_mol": energies.round(2).tolist()}
+    if len(temps) >= 10:
+        n = max(1, len(temps) // 10)
+        info.update(temperature_mean_K=float(temps[len(temps) // 2:].mean()),
+                    temperature_drift_K=float(temps[-n:].mean() - temps[:n].mean()),
+                    energy_drift_sigma=float((energies[-n:].mean() - energies[:n].mean()) / (energies.std() + 1e-9)))
+    return np.array(frames), info
+
+
+def bonded_jsds(mapping, ref, xyz):
+    bonds = np.array([[b[0].index, b[1].index] for b in mapping.cg_topology.bonds])
+    if len(bonds) == 0:
+        return {}
+    from openmm_backmap.potential.priors import angles_from_bonds
+
+    ang = np.asarray(angles_from_bonds(bonds))
+    out = {"bond_jsd_max": float(max(metrics.histogram_jsd(metrics.distances(ref, bonds[k:k + 1]),
+                                                            metrics.distances(xyz, bonds[k:k + 1]))
+                                     for k in range(min(len(bonds), 3))))}
+    if len(ang):
+        out["angle_jsd_max"] = float(max(metrics.histogram_jsd(metrics.angles(ref, ang[k:k + 1]),
+                                                               metrics.angles(xyz, ang[k:k + 1]))
+                                         for k in range(min(len(ang), 3))))
+    return out
+
+
+def load_liquid(name: str):
+    path = WORK / f"aa_{name}.h5"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run benchmarks/liquid_data.py first")
+    ds = AADataset(path)
+    return ds, path
+
+
+# ------------------------------------------------------------------------------------------------ CG potential
+def section_cg(name: str, args) -> dict:
+    ds, path = load_liquid(name)
+    top = ds.topology
+    n_frames = ds.n_frames
+    n_train = int(0.8 * n_frames)
+    ds.close()
+    results = {}
+    for label, preset, dt_fs, weights in CASES[name]:
+        mapping = CGMapping.from_preset(top, preset)
+        cg_path = map_dataset(path, mapping, WORK / f"cg_{name}_{label}.h5", overwrite=True, progress=False)
+        with CGDataset(cg_path) as cg:
+            ref = cg.positions[:].astype(np.float64)
+            box = cg.box_vectors[0].astype(np.float64)
+        units = bead_units(mapping)
+        masses = np.asarray(mapping.bead_masses, dtype=np.float64)
+        rmax = r_max(box)
+        r, g_ref = com_rdf(ref[n_train:], box, units, masses, rmax)
+        for lam in weights:
+            key = f"{label}, energy weight {lam:g}"
+            model_path = WORK / f"potential_{name}_{label}_lambda{lam:g}.pt"
+            if model_path.exists() and not args.retrain:
+                pot = CGPotential.load(model_path, mapping=mapping)
+                train_s = None
+            else:
+                t0 = time.perf_counter()
+                pot = ForceMatchingTrainer(mapping, cg_path, energy_weight=lam, max_epochs=args.cg_epochs, patience=5,
+                                           max_frames=n_train, batch_size=8, learning_rate=1e-3,
+                                           log=WORK / f"potential_{name}_{label}_lambda{lam:g}.csv", seed=0,
+                                           progress=False).fit()
+                train_s = time.perf_counter() - t0
+                pot.save(model_path)
+            steps = int(args.cg_ps * 1000 / dt_fs)
+            frames, info = run_cg(mapping, pot.double(), ref[-1], box, n_steps=steps, dt_fs=dt_fs)
+            row = {**info, "train_seconds": train_s, "val_force_mse": pot.metadata.get("val_force_mse")}
+            if len(frames) > 20:
+                xyz = frames[len(frames) // 5:]
+                xyz = mapping_whole(mapping, xyz, box, units)
+                _, g = com_rdf(xyz, box, units, masses, rmax)
+                row["com_rdf_l1_nm"] = float(metrics.rdf_l1_nm(r, g_ref, g))
+                row["com_rdf"] = {"r_nm": r.round(4).tolist(), "reference": g_ref.round(4).tolist(),
+                                  "cg": g.round(4).tolist()}
+                row.update(bonded_jsds(mapping, ref[n_train:], xyz))
+            results[key] = row
+            print(name, key, {k: v for k, v in row.items() if not isinstance(v, (list, dict))}, flush=True)
+            if lam == max(weights) and args.transfer_ps > 0:
+                results[key]["size_transfer"] = size_transfer(mapping, pot, ref[-1], box, dt_fs, args, r, g_ref,
+                                                              top, preset)
+                print(name, key, "size transfer", {k: v for k, v in results[key]["size_transfer"].items()
+                                                   if not isinstance(v, (list, dict))}, flush=True)
+    return results
+
+
+def mapping_whole(mapping, xyz, box, units):
+    """Bead frames with every molecule's beads made whole (minimum image to its first bead)."""
+    out = xyz.copy()
+    L = np.diag(box)
+    first = out[:, units[:, :1]]
+    d = out[:, units] - first
+    out[:, units] = first + d - np.round(d / L) * L
+    return out
+
+
+def size_transfer(mapping, pot, start, box, dt_fs, args, r, g_ref, top, preset) -> dict:
+    big_top, _, big_box = systems.replicate(top, np.zeros((top.getNumAtoms(), 3)), box, (2, 2, 2))
+    big_mapping = CGMapping.from_preset(big_top, preset)
+    big = pot.transfer(big_mapping)
+    shifts = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)]) @ box
+    big_start = np.concatenate([start + s for s in shifts])
+    steps = int(args.transfer_ps * 1000 / dt_fs)
+    frames, info = run_cg(big_mapping, big.double(), big_start, big_box, n_steps=steps, dt_fs=dt_fs, seed=3)
+    units = bead_units(big_mapping)
+    row = {**{k: v for k, v in info.items()}, "molecules": int(len(units))}
+    if len(frames) > 10:
+        xyz = mapping_whole(big_mapping, frames[len(frames) // 5:], big_box, units)
+        _, g = com_rdf(xyz, big_box, units, np.asarray(big_mapping.bead_masses, dtype=np.float64), float(r[-1] + r[0]))
+        row["com_rdf_l1_nm"] = float(metrics.rdf_l1_nm(r, g_ref, g))
+        row["com_rdf"] = {"r_nm": r.round(4).tolist(), "cg": g.round(4).tolist()}
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ backmapping
+def backmap_metrics(xyz, ref_xyz, box, top, system, lag_ps, bonds, ref_len, lj_ref=None) -> dict:
+    """Metrics of backmapped liquid frames against the reference frames (same CG trajectory)."""
+    out = {"bond_score": float(metrics.bond_score(xyz, bonds, ref_len)),
+           "clash_inter": float(metrics.clash_score(xyz, top, groups="residue", scope="inter",
+                                                     box_vectors_nm=box))}
+    rmax = r_max(box)
+    n_bins = int(round(rmax * 100))
+    r, g_ref = metrics.intermolecular_rdf(ref_xyz, box, top, element="C", r_max_nm=rmax, n_bins=n_bins)
+    _, g = metrics.intermolecular_rdf(xyz, box, top, element="C", r_max_nm=rmax, n_bins=n_bins)
+    out["cc_rdf_l1_nm"] = float(metrics.rdf_l1_nm(r, g_ref, g))
+    lj = metrics.molecule_lj_energies(xyz, system, top, box_vectors_nm=box)
+    if lj_ref is None:
+        lj_ref = metrics.molecule_lj_energies(ref_xyz, system, top, box_vectors_nm=box)
+    d = metrics.energy_distribution(lj_ref.ravel(), lj.ravel())
+    out["lj_jsd"], out["lj_shift_kj_mol"] = float(d["jsd"]), float(d["mean_shift_kj_mol"])
+    if lag_ps:
+        out["velocity_jsd"] = float(metrics.velocity_jsd(ref_xyz, xyz, lag_ps))
+    out["rmsd_nm"] = float(np.sqrt(((xyz - ref_xyz) ** 2).sum(-1).mean()))
+    return out, lj_ref, (r, g_ref, g)
+
+
+def section_backmap(name: str, args) -> dict:
+    from openmm_backmap.backmap import KNNRegressionBaseline
+
+    ds, path = load_liquid(name)
+    n_frames = ds.n_frames
+    n_train = int(0.8 * n_frames)
+    test = np.arange(n_train, n_frames)[: args.test_frames]
+    ref_xyz = ds.positions[test].astype(np.float64)
+    box_t = ds.box_vectors[test].astype(np.float64)
+    top, system = ds.topology, ds.system
+    spacing = float(np.median(np.diff(ds.time[:10])))
+    ds.close()
+    mdtop = __import__("mdtraj").Topology.from_openmm(top)
+    bonds = np.array([[b[0].index, b[1].index] for b in mdtop.bonds])
+    results = {}
+    for label, preset, _, _ in CASES[name]:
+        mapping = CGMapping.from_preset(top, preset)
+        ref_whole = mapping.make_molecules_whole(ref_xyz, box_t)
+        ref_len = metrics.bond_reference_lengths(ref_whole, bonds)
+        cg = mapping.map_positions(ref_whole)
+        models = {}
+        for kind, previous in (("temporal", True), ("frame-based", False)):
+            model_path = WORK / f"backmapper_{name}_{label}_{kind}.pt"
+            if model_path.exists() and not args.retrain:
+                models[kind] = TemporalBackmapper.load(model_path, mapping)
+                continue
+            t0 = time.perf_counter()
+            trainer = BackmapperTrainer(
+                mapping, path, energy=None, stride=args.stride, lag_frames=1, max_frames=n_train // args.stride,
+                architecture={"hidden": 256, "latent_dim": 16, "condition_on_previous": previous,
+                              "environment_cutoff_nm": 0.6}, batch_size=4, max_epochs=args.bm_epochs, patience=5,
+                n_blocks=5, library_size=500, seed=0, log=WORK / f"backmapper_{name}_{label}_{kind}.csv",
+                progress=False)
+            models[kind] = trainer.fit()
+            models[kind].metadata["train_seconds"] = time.perf_counter() - t0
+            models[kind].save(model_path)
+        lag_ps = spacing * args.stride
+        sel = np.arange(0, len(test), args.stride)
+        ref_s, box_s, cg_s = ref_whole[sel], box_t[sel], cg[sel]
+        rows, lj_ref, rdfs = {}, None, {}
+        # Every chain starts from the first reference frame, as a CG run started from an AA structure does (the
+        # library pick would give one-bead molecules random orientations, i.e. clashes, that the chain inherits).
+        first = ref_s[0][models["temporal"].atom_indices]
+        outputs = {
+            "temporal": models["temporal"].backmap_trajectory(cg_s, box_s, seed=0, first_frame_nm=first),
+            "frame-based": models["frame-based"].backmap_trajectory(cg_s, box_s, seed=0, first_frame_nm=first),
+            "library": models["temporal"].backmap_trajectory(cg_s, box_s, seed=0, mode="library", first_frame_nm=first),
+        }
+        knn = KNNRegressionBaseline(mapping).fit(path, frames=np.arange(0, n_train, max(1, n_train // 400)))
+        outputs["kNN regression (seed 000)"] = knn.backmap(cg_s, box_s)
+        for kind, xyz in outputs.items():
+            rows[kind], lj_ref, rdfs[kind] = backmap_metrics(xyz, ref_s, box_s, mdtop, system, lag_ps, bonds,
+                                                             ref_len, lj_ref)
+            print(name, label, kind, rows[kind], flush=True)
+        rows["velocity_ratio_temporal_vs_frame_based"] = rows["temporal"]["velocity_jsd"] / max(
+            rows["frame-based"]["velocity_jsd"], 1e-12)
+        rows["velocity_ratio_temporal_vs_library"] = rows["temporal"]["velocity_jsd"] / max(
+            rows["library"]["velocity_jsd"], 1e-12)
+        rows["knn_cross_validation"] = knn_cv(mapping, path, n_train)
+        rows["lag_ps"] = lag_ps
+        rows["test_frames"] = int(len(sel))
+        rows["cc_rdf"] = {k: v[2].round(4).tolist() for k, v in rdfs.items()} | {
+            "r_nm": rdfs["temporal"][0].round(4).tolist(), "reference": rdfs["temporal"][1].round(4).tolist()}
+        results[label] = rows
+    return results
+
+
+def knn_cv(mapping, path, n_train) -> dict:
+    from openmm_backmap.backmap import KNNRegressionBaseline
+
+    try:
+        return KNNRegressionBaseline(mapping).cross_validate(path, n_splits=5, seed=0)
+    except Exception as exc:  # report, do not lose the rest of the benchmark
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def section_speed(name: str, args) -> dict:
+    ds, path = load_liquid(name)
+    top, system = ds.topology, ds.system
+    xyz = ds.positions[-1].astype(np.float64)
+    box = ds.box_vectors[-1].astype(np.float64)
+    ds.close()
+    out = {}
+    for label, preset, dt_fs, weights in CASES[name][:1]:
+        mapping = CGMapping.from_preset(top, preset)
+        model_path = WORK / f"backmapper_{name}_{label}_temporal.pt"
+        if not model_path.exists():
+            continue
+        bm = TemporalBackmapper.load(model_path, mapping)
+        lat = {}
+        for reps in ((1, 1, 1), (2, 2, 1), (3, 2, 2)):
+            big_top, big_xyz, big_box = systems.replicate(top, xyz, box, reps)
+            big_map = CGMapping.from_preset(big_top, preset)
+            big_bm = TemporalBackmapper(big_map, **{k: v for k, v in bm.config.items()}, metadata=bm.metadata)
+            big_bm.load_state_dict(_tile_state(bm, big_bm))
+            big_bm.eval()
+            cg = big_map.map_positions(big_map.make_molecules_whole(big_xyz[None], big_box[None]))[0]
+            chain = big_bm.chain(seed=0)
+            chain.previous = big_xyz
+            chain.step(cg, big_box)  # warm-up
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                chain.step(cg, big_box)
+                times.append(time.perf_counter() - t0)
+            lat[int(len(bead_units(big_map)))] = {"ms_median": 1000 * float(np.median(times)),
+                                                  "ms_min": 1000 * float(np.min(times))}
+            print(name, label, "latency", reps, lat[int(len(bead_units(big_map)))], flush=True)
+        out[f"{label} backmapping latency"] = lat
+        # CG vs AA ns/day, side by side in this process
+        pot_files = sorted(WORK.glob(f"potential_{name}_{label}_lambda*.pt"))
+        if pot_files:
+            pot = CGPotential.load(pot_files[-1], mapping=mapping)
+            cgx = mapping.map_positions(mapping.make_molecules_whole(xyz[None], box[None]))[0]
+            _, info = run_cg(mapping, pot.double(), cgx, box, n_steps=int(args.speed_steps), dt_fs=dt_fs,
+                             report_ps=1e9)
+            aa = aa_speed(top, system, xyz, box, int(args.speed_steps) // 4)
+            out[f"{label} CG vs AA"] = {"cg_ns_per_day": info["ns_per_day"], "aa_ns_per_day": aa,
+                                        "ratio": info["ns_per_day"] / aa, "cg_dt_fs": dt_fs, "aa_dt_fs": 2.0}
+            print(name, label, "speed", out[f"{label} CG vs AA"], flush=True)
+    return out
+
+
+def _tile_state(small: TemporalBackmapper, big: TemporalBackmapper) -> dict:
+    """The small box's weights and buffers for a tiled box (kinds are the same; the library is per kind)."""
+    for small_kind, big_kind in zip(small.kinds, big.kinds):
+        big_kind.library_atoms = torch.zeros_like(small_kind.library_atoms)
+        big_kind.library_beads = torch.zeros_like(small_kind.library_beads)
+    return small.state_dict()
+
+
+def aa_speed(top, system, xyz, box, n_steps) -> float:
+    integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, 2 * u.femtosecond)
+    ctx = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("CPU"))
+    ctx.setPeriodicBoxVectors(*box)
+    ctx.setPositions(xyz)
+    ctx.setVelocitiesToTemperature(300 * u.kelvin, 1)
+    integrator.step(10)
+    t0 = time.perf_counter()
+    integrator.step(n_steps)
+    seconds = time.perf_counter() - t0
+    return n_steps * 2e-6 / seconds * 86400
+
+
+# ------------------------------------------------------------------------------------------------ report
+def markdown(all_results: dict) -> str:
+    lines = ["AA data: `benchmarks/liquid_data.py` (CHARMM36/CGenFF, PME, NPT 300 K / 1 bar, then NVT with forces). "
+             "Models train on the first 80 % of the frames; evaluation uses the last 20 %.", ""]
+    for name, res in all_results.items():
+        cg = res.get("cg", {})
+        if cg:
+            lines += [f"### {name}: CG potentials (TorchForce, Langevin 300 K)", "",
+                      "| model | ps run | blow-up | ⟨T⟩ (K) | T drift (K) | COM g(r) L1 (nm, ≤ 0.05) | "
+                      "bond / angle JSD max (≤ 0.02) | ns/day |", "|---|---|---|---|---|---|---|---|"]
+            for key, row in cg.items():
+                bj = (f"{row.get('bond_jsd_max', float('nan')):.3f} / {row.get('angle_jsd_max', float('nan')):.3f}"
+                      if "bond_jsd_max" in row else "–")
+                lines.append(f"| {key} | {row['ps']:.0f} | {'no' if row['blow_up'] is None else 'YES: ' + row['blow_up'][:50]} "
+                             f"| {row.get('temperature_mean_K', float('nan')):.1f} | "
+                             f"{row.get('temperature_drift_K', float('nan')):+.1f} | "
+                             f"{row.get('com_rdf_l1_nm', float('nan')):.3f} | {bj} | {row['ns_per_day']:.1f} |")
+                st = row.get("size_transfer")
+                if st:
+                    lines.append(f"| ↳ transferred to {st['molecules']} molecules (2×2×2) | {st['ps']:.0f} | "
+                                 f"{'no' if st['blow_up'] is None else 'YES'} | "
+                                 f"{st.get('temperature_mean_K', float('nan')):.1f} | "
+                                 f"{st.get('temperature_drift_K', float('nan')):+.1f} | "
+                                 f"{st.get('com_rdf_l1_nm', float('nan')):.3f} | – | {st['ns_per_day']:.1f} |")
+            lines.append("")
+        bm = res.get("backmap", {})
+        for label, rows in bm.items():
+            lines += [f"### {name} {label}: backmapping held-out frames (lag {rows['lag_ps']:g} ps, "
+                      f"{rows['test_frames']} frames)", "",
+                      "| method | bond score (≥ 0.99) | intermolecular clash (≤ 0.001) | C–C g(r) L1 nm (≤ 0.05) | "
+                      "LJ/molecule JSD (≤ 0.05) | LJ shift kJ/mol | velocity JSD | RMSD nm |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for kind in ("temporal", "frame-based", "library", "kNN regression (seed 000)"):
+                m = rows[kind]
+                lines.append(f"| {kind} | {m['bond_score']:.3f} | {m['clash_inter']:.4f} | {m['cc_rdf_l1_nm']:.3f} | "
+                             f"{m['lj_jsd']:.3f} | {m['lj_shift_kj_mol']:+.2f} | {m.get('velocity_jsd', float('nan')):.3f} | "
+                             f"{m['rmsd_nm']:.3f} |")
+            lines.append(f"\nVelocity JSD ratio temporal / frame-based: "
+                         f"{rows['velocity_ratio_temporal_vs_frame_based']:.2f} (target ≤ 0.33); temporal / library: "
+                         f"{rows['velocity_ratio_temporal_vs_library']:.2f}. kNN 5-fold CV: "
+                         f"{json.dumps(rows['knn_cross_validation'])}\n")
+        sp = res.get("speed", {})
+        for key, val in sp.items():
+            if "latency" in key:
+                lines.append(f"{name} {key} (one frame, CPU, 1 thread): " + ", ".join(
+                    f"{n} molecules {v['ms_median']:.0f} ms ({1000 * v['ms_median'] / n:.2f} ms/molecule)"
+                    for n, v in val.items()))
+            else:
+                lines.append(f"{name} {key}: CG {val['cg_ns_per_day']:.1f} ns/day ({val['cg_dt_fs']:g} fs) vs AA "
+                             f"{val['aa_ns_per_day']:.2f} ns/day ({val['aa_dt_fs']:g} fs, CPU platform): "
+                             f"{val['ratio']:.0f}×")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--liquids", default="benzene")
+    parser.add_argument("--sections", default="cg,backmap,speed")
+    parser.add_argument("--cg-epochs", type=int, default=30)
+    parser.add_argument("--cg-ps", type=float, default=1000.0)
+    parser.add_argument("--transfer-ps", type=float, default=50.0)
+    parser.add_argument("--bm-epochs", type=int, default=20)
+    parser.add_argument("--stride", type=int, default=1)
+    parser.add_argument("--test-frames", type=int, default=200)
+    parser.add_argument("--speed-steps", type=int, default=400)
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test of the pipeline)")
+    args = parser.parse_args()
+    if args.quick:
+        args.cg_epochs, args.cg_ps, args.transfer_ps, args.bm_epochs, args.test_frames = 2, 5.0, 2.0, 2, 20
+        args.speed_steps = 40
+    torch.set_num_threads(1)
+    if args.quick:  # tiny AA data of its own (64 molecules, 4 ps), in the quick results folder
+        from liquid_data import LIQUIDS, generate
+
+        for name in args.liquids.split(","):
+            resname = next(k for k, v in LIQUIDS.items() if v[0] == f"aa_{name}")
+            if not (WORK / f"aa_{name}.h5").exists():
+                generate(resname, 64, WORK / f"aa_{name}.h5", equilibration_ps=1.0, production_ps=4.0, frame_ps=0.1,
+                         progress=False)
+    out_json = RESULTS / "liquids.json"
+    all_results = json.loads(out_json.read_text()).get("results", {}) if out_json.exists() else {}
+    for name in args.liquids.split(","):
+        res = all_results.setdefault(name, {})
+        for section in args.sections.split(","):
+            t0 = time.perf_counter()
+            res[section] = {"cg": section_cg, "backmap": section_backmap, "speed": section_speed}[section](name, args)
+            print(f"{name} {section}: {time.perf_counter() - t0:.0f} s", flush=True)
+            save("liquids", {"settings": {k: v for k, v in vars(args).items()}, "results": all_results},
+                 markdown(all_results))
+
+
+if __name__ == "__main__":
+    main()
