@@ -30,7 +30,7 @@ from scipy.optimize import minimize
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from ._validation import as_coordinates
+from ._validation import as_box_vectors, as_coordinates
 from .platforms import choose_platform
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "chignolin",
     "liquid",
     "peptide",
+    "replicate",
 ]
 
 #: Experimental densities of neat liquids at 25 °C (298.15 K) and 1 atm, in g/cm³, keyed by the
@@ -805,3 +806,94 @@ def _pack_box(
     centres = x[: 3 * n_molecules].reshape(-1, 3)
     shift = -box * np.floor(centres / box)  # put every molecule's centre inside the box
     return (positions(x)[0] + (centres + shift)[:, None, :]).reshape(-1, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Periodic boxes
+# ---------------------------------------------------------------------------------------------------
+
+
+def replicate(
+    topology: app.Topology,
+    positions_nm: Any,
+    box_vectors_nm: Any,
+    repeats: int | tuple[int, int, int] = (2, 2, 2),
+) -> tuple[app.Topology, np.ndarray, np.ndarray]:
+    """Tile a periodic box ``repeats`` times along its box vectors (a supercell).
+
+    Copy ``n = (i * ny + j) * nz + k`` (``0 <= i < nx`` etc.) is the input shifted by ``i a + j b + k c``;
+    copy 0 is the input itself.  The topology is copied in the same copy-major order: for every copy, all
+    chains with their residues, atoms and bonds (atom ``m`` of copy ``n`` has index ``n * n_atoms + m``).
+    Chain and residue ids and names are kept, so each copy's chains repeat the input's ids.  The
+    interactions of the tiled box equal those of the input box replicated exactly when every interaction
+    range is at most half the smallest box height of the input (the minimum-image convention).
+
+    Parameters
+    ----------
+    topology
+        The periodic topology to tile.
+    positions_nm
+        ``(n_atoms, 3)`` positions in nm (array or Quantity); molecules need not be whole.
+    box_vectors_nm
+        ``(3, 3)`` box vectors in nm (rows a, b, c; array, Quantity or OpenMM's tuple of ``Vec3``), in
+        OpenMM's reduced form (orthorhombic or triclinic).
+    repeats
+        Copies along a, b and c, ``(nx, ny, nz)``; one integer for the same number along all three.
+
+    Returns
+    -------
+    topology : openmm.app.Topology
+        The tiled topology, with the new box vectors set.
+    positions : numpy.ndarray
+        ``(n_atoms * nx * ny * nz, 3)`` float64 positions in nm.
+    box : numpy.ndarray
+        ``(3, 3)`` box vectors ``nx a, ny b, nz c`` in nm, brought back to OpenMM's reduced form for triclinic
+        boxes (the same lattice).
+
+    Examples
+    --------
+    >>> liq = liquid("BENZ", 300)                                         # doctest: +SKIP
+    >>> top, xyz, box = replicate(liq.topology, liq.positions, liq.topology.getPeriodicBoxVectors())  # doctest: +SKIP
+    """
+    counts = (repeats,) * 3 if isinstance(repeats, (int, np.integer)) and not isinstance(repeats, bool) else repeats
+    try:
+        counts = tuple(counts)
+    except TypeError:
+        raise ValueError(f"repeats must be an integer or three integers; got {repeats!r}") from None
+    if len(counts) != 3 or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1 for c in counts):
+        raise ValueError(f"repeats must be an integer >= 1 or three of them; got {repeats!r}")
+    counts = tuple(int(c) for c in counts)
+    n_atoms = topology.getNumAtoms()
+    xyz = as_coordinates(positions_nm, n_atoms, allow_batch=False)
+    box = as_box_vectors(box_vectors_nm, allow_batch=False)
+    if not (box[0, 1] == box[0, 2] == box[1, 2] == 0.0 and (np.diag(box) > 0).all()):
+        raise ValueError("box_vectors_nm must be in OpenMM's reduced form: a = (ax, 0, 0), b = (bx, by, 0), "
+                         f"c = (cx, cy, cz) with ax, by, cz > 0; got {box.tolist()}")
+
+    shifts = np.array([[i, j, k] for i in range(counts[0]) for j in range(counts[1]) for k in range(counts[2])],
+                      dtype=np.float64) @ box
+    positions = (xyz[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+
+    new_box = box * np.array(counts, dtype=np.float64)[:, None]
+    # back to the reduced form (|c_y| <= b_y / 2, |c_x|, |b_x| <= a_x / 2): the same lattice
+    new_box[2] -= np.round(new_box[2, 1] / new_box[1, 1]) * new_box[1]
+    new_box[2] -= np.round(new_box[2, 0] / new_box[0, 0]) * new_box[0]
+    new_box[1] -= np.round(new_box[1, 0] / new_box[0, 0]) * new_box[0]
+
+    tiled = app.Topology()
+    atoms = sorted(topology.atoms(), key=lambda atom: atom.index)
+    bonds = [(bond[0].index, bond[1].index, bond.type, bond.order) for bond in topology.bonds()]
+    for _ in range(len(shifts)):
+        residues = {}
+        for chain in topology.chains():
+            new_chain = tiled.addChain(id=chain.id)
+            for residue in chain.residues():
+                residues[residue.index] = tiled.addResidue(residue.name, new_chain, id=residue.id,
+                                                           insertionCode=residue.insertionCode)
+        # atoms in index order, so that atom m of every copy has index n * n_atoms + m
+        added = [tiled.addAtom(atom.name, atom.element, residues[atom.residue.index], id=atom.id,
+                               formalCharge=atom.formalCharge) for atom in atoms]
+        for i, j, kind, order in bonds:
+            tiled.addBond(added[i], added[j], type=kind, order=order)
+    tiled.setPeriodicBoxVectors(new_box * unit.nanometer)
+    return tiled, positions, new_box

@@ -20,7 +20,7 @@ def _term_classes() -> dict[str, type]:
     from . import priors, schnet
 
     classes = [priors.HarmonicBondPrior, priors.HarmonicAnglePrior, priors.FourierDihedralPrior,
-               priors.ExcludedVolumePrior, schnet.SchNet]
+               priors.ExcludedVolumePrior, priors.NeighborExcludedVolumePrior, schnet.SchNet]
     return {cls.__name__: cls for cls in classes}
 
 
@@ -47,6 +47,9 @@ class CGPotential(torch.nn.Module):
         Constant added to the energy (kJ/mol), learned when training with an energy term.
     metadata
         JSON-serialisable notes stored with the model (training data, temperature, losses, ...).
+    units
+        The molecule kinds of the mapping and the beads of every molecule
+        (:func:`.transfer.describe_units`), which :meth:`transfer` needs; ``None`` if unknown.
     """
 
     __jit_unused_properties__ = ["priors", "networks"]
@@ -62,6 +65,7 @@ class CGPotential(torch.nn.Module):
         periodic: bool = False,
         energy_offset: float = 0.0,
         metadata: Optional[Dict[str, Any]] = None,
+        units: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if len(bead_names) != len(bead_types):
@@ -78,24 +82,27 @@ class CGPotential(torch.nn.Module):
         self.mapping_fingerprint = str(mapping_fingerprint)
         self.energy_offset = torch.nn.Parameter(torch.tensor(float(energy_offset), dtype=torch.float64))
         self.metadata: Dict[str, Any] = dict(metadata or {})
+        self.units: Optional[Dict[str, Any]] = None if units is None else dict(units)
         self._plan_priors()
 
     @torch.jit.unused
     def _plan_priors(self) -> None:
-        """Buffers (derived, not saved) that let :meth:`md_energy_and_forces` evaluate all priors at once: one
-        gather of every prior's difference vectors, one scatter of their gradients into forces.  Only when
-        every prior computes its forces analytically (``energy_terms_and_gradient``, see
-        :mod:`.priors`); otherwise each prior is evaluated on its own."""
+        """Buffers (derived, not saved) that let :meth:`md_energy_and_forces` evaluate all priors with fixed
+        interaction lists at once: one gather of their difference vectors, one scatter of their gradients into
+        forces.  These are the priors that compute their forces analytically from difference vectors
+        (``energy_terms_and_gradient``, see :mod:`.priors`); the others (e.g. a neighbour-searched excluded
+        volume) are evaluated on their own."""
         from .priors import scatter_plan
 
-        priors = list(self.prior_terms)
-        self._prior_sizes: List[int] = [int(getattr(p, "n_vectors", 0)) for p in priors]
-        for p in priors:
+        every = list(self.prior_terms)
+        self._prior_sizes: List[int] = [int(getattr(p, "n_vectors", 0)) for p in every]
+        for p in every:
             beads = getattr(p, "vector_head", None)
             if beads is not None and int(beads.max()) >= self.n_beads:
                 raise ValueError(f"{type(p).__name__} refers to bead {int(beads.max())} but the potential has "
                                  f"{self.n_beads} beads")
-        fused = bool(priors) and all(hasattr(p, "energy_terms_and_gradient") for p in priors)
+        priors = [p for p in every if hasattr(p, "energy_terms_and_gradient")]
+        fused = bool(priors)
         names = ["_prior_head", "_prior_tail", "_prior_index", "_prior_weight", "_prior_matrix", "_prior_energy_weight"]
         if not fused:
             for name in names:
@@ -133,9 +140,10 @@ class CGPotential(torch.nn.Module):
         """Energies ``(B,)`` (kJ/mol) and forces ``(B, n, 3)`` (kJ/mol/nm) for MD (no second derivatives).
 
         Every term computes its forces analytically, without autograd: the networks with
-        ``energy_and_forces``, the priors with ``energy_terms_and_gradient`` (:mod:`.priors`), all priors
-        together from one gather of their difference vectors and one scatter of the forces.  A prior without
-        analytic forces is differentiated by autograd.  The results are not differentiable.
+        ``energy_and_forces``, the priors with ``energy_terms_and_gradient`` (:mod:`.priors`), all of those
+        together from one gather of their difference vectors and one scatter of the forces, other priors with
+        their ``energy_and_forces``.  A prior without analytic forces is differentiated by autograd.  The
+        results are not differentiable.
         """
         head = self._prior_head
         if head is not None:
@@ -160,7 +168,10 @@ class CGPotential(torch.nn.Module):
         else:
             energy = self.energy_offset.detach().to(positions.dtype).expand(positions.shape[0])
             forces = torch.zeros_like(positions)
-            for term in self.prior_terms:
+        for term in self.prior_terms:
+            if hasattr(term, "energy_terms_and_gradient"):
+                pass  # evaluated with the others above
+            else:
                 if hasattr(term, "energy_and_forces"):
                     e, f = term.energy_and_forces(positions.detach(), box)
                 else:  # no analytic forces: autograd
@@ -197,7 +208,8 @@ class CGPotential(torch.nn.Module):
         """The same potential without its learned terms (and offset): the baseline to compare against."""
         return CGPotential(self.priors, n_priors=self.n_priors, bead_names=self.bead_names,
                            bead_types=self.bead_types, mapping_fingerprint=self.mapping_fingerprint,
-                           periodic=self.periodic, metadata={**self.metadata, "priors_only": True})
+                           periodic=self.periodic, metadata={**self.metadata, "priors_only": True},
+                           units=self.units)
 
     @torch.jit.unused
     def check_mapping(self, mapping: Any) -> None:
@@ -208,6 +220,72 @@ class CGPotential(torch.nn.Module):
         if list(mapping.bead_types) != self.bead_types or mapping.n_beads != self.n_beads:
             raise ValueError(f"this CG potential expects {self.n_beads} beads of types {self.bead_types}; "
                              f"the mapping has {mapping.n_beads} beads of types {list(mapping.bead_types)}")
+
+    @torch.jit.unused
+    def transfer(self, mapping: Any, source_mapping: Any = None, *,
+                 excluded_volume_cutoff_nm: Optional[float] = None) -> "CGPotential":
+        """This potential for another system made of the same molecules in other numbers (size transfer).
+
+        For instance a box 8x larger (:func:`openmm_backmap.systems.replicate`) or a box of another number of
+        molecules (:func:`openmm_backmap.systems.liquid`).  Every molecule that holds beads in ``mapping`` is
+        matched to a molecule kind of the training mapping: the same residue and atom names, elements, bead
+        types and bead weights (:class:`openmm_backmap.backmap._layout.UnitLayout`).  Then:
+
+        * bonded priors (bonds, angles, dihedrals): every interaction of a training molecule is copied into
+          every new molecule of its kind with its parameters (the mean over the training molecules of the kind,
+          which equals each of them since :func:`.priors.fit_priors` pools interactions of equal bead types;
+          ``metadata["transferred_from"]["averaged_parameters"]`` names the parameters that differed);
+        * the excluded-volume prior: the same rule (exclusions along the bonds of each molecule), ``sigma`` per
+          bead-type pair, exponent and cutoff.  With a cutoff it becomes a
+          :class:`~.priors.NeighborExcludedVolumePrior`, the same energy over the pairs of a neighbour search,
+          whose cost grows linearly with the number of beads; without a cutoff it stays a list of all bead pairs,
+          which grows as the square (a warning above two million pairs; ``excluded_volume_cutoff_nm`` gives it a
+          cutoff);
+        * networks: the same weights (SchNet is per bead type), with bead types and exclusions rebuilt;
+        * the energy offset (kJ/mol, a constant of the training *box*) is taken as extensive: it is scaled by
+          ``n_molecules_new / n_molecules_training`` (molecules holding beads);
+        * ``mapping_fingerprint``, bead names and types and :attr:`units` are those of ``mapping``;
+          ``metadata["transferred_from"]`` records the source (mapping fingerprint, numbers of beads and
+          molecules, offset and its scale).
+
+        The energy is then extensive exactly: for a box tiled from copies of the training box it is the number
+        of copies times the training energy, and the forces on every copy are the training forces, as long as
+        every interaction range (network cutoff, excluded-volume cutoff) is at most half the training box
+        height.  An excluded-volume prior *without* a cutoff acts between all minimum-image pairs, so in a
+        larger box it also counts pairs beyond half the training box (a tail of ``(sigma/r)^n``, tiny but not
+        zero), and one given a cutoff by ``excluded_volume_cutoff_nm`` drops the pairs beyond it and is shifted
+        to zero there (``(sigma/r_c)^n`` per pair within the cutoff).
+
+        Parameters
+        ----------
+        mapping
+            The :class:`~openmm_backmap.mapping.CGMapping` of the new system; it must be periodic (topology
+            with box vectors) exactly when this potential is.
+        source_mapping
+            The mapping this potential was trained for, needed only when it records no :attr:`units`
+            (potentials saved before size transfer existed, or built by hand).
+        excluded_volume_cutoff_nm
+            Cutoff in nm for an excluded-volume prior fitted without one, so that it is evaluated over a
+            neighbour search (recorded in ``metadata["transferred_from"]``); ``None`` keeps it as trained.
+            Choose it where ``(sigma/r)^n`` is negligible, e.g. 3 ``sigma`` (``3^-12 = 2e-6`` kJ/mol per pair)
+            and at most half the new box height.
+
+        Returns
+        -------
+        CGPotential
+            A new potential in this potential's dtype and device; this one is not changed.
+
+        Raises
+        ------
+        ValueError
+            ``mapping`` contains a molecule the potential was never trained on, or a training molecule mapped to
+            other beads (other bead types or definitions); periodicity differs; or a term cannot be transferred
+            (an interaction between two molecules, an explicit excluded-volume pair list, per-bead-pair sigma,
+            a network or prior class other than those of this package).
+        """
+        from .transfer import transfer_potential
+
+        return transfer_potential(self, mapping, source_mapping, excluded_volume_cutoff_nm=excluded_volume_cutoff_nm)
 
     @torch.jit.unused
     def create_force(self, backend: str = "torch", **kwargs: Any):
@@ -231,6 +309,7 @@ class CGPotential(torch.nn.Module):
             "mapping_fingerprint": self.mapping_fingerprint,
             "periodic": self.periodic,
             "metadata": self.metadata,
+            "units": self.units,
         }
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         buffer = io.BytesIO()
@@ -269,7 +348,7 @@ class CGPotential(torch.nn.Module):
             terms.append(classes[entry["class"]](**entry["config"]))
         potential = cls(terms, n_priors=header["n_priors"], bead_names=header["bead_names"],
                         bead_types=header["bead_types"], mapping_fingerprint=header["mapping_fingerprint"],
-                        periodic=header["periodic"], metadata=header["metadata"])
+                        periodic=header["periodic"], metadata=header["metadata"], units=header.get("units"))
         state = blob["state_dict"]
         dtype = state["energy_offset"].dtype if "energy_offset" in state else torch.float64
         potential.to(dtype)

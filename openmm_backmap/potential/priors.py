@@ -58,7 +58,7 @@ import torch
 
 from .._physics import BOLTZMANN_KJ_MOL_K
 from .._validation import as_box_vectors, as_coordinates, strip_unit
-from .neighbors import minimum_image
+from .neighbors import minimum_image, neighbor_pairs
 
 try:
     from openmm import unit as _unit
@@ -72,8 +72,10 @@ __all__ = [
     "FourierDihedralPrior",
     "HarmonicAnglePrior",
     "HarmonicBondPrior",
+    "NeighborExcludedVolumePrior",
     "angles_from_bonds",
     "dihedrals_from_bonds",
+    "excluded_pairs",
     "fit_priors",
     "nonbonded_pairs",
     "prior_from_dict",
@@ -628,10 +630,165 @@ class ExcludedVolumePrior(_Prior):
         return energy, coef.unsqueeze(-1) * vectors
 
 
+class NeighborExcludedVolumePrior(torch.nn.Module):
+    """The excluded volume of :class:`ExcludedVolumePrior` (exclusion rule, cutoff) over the pairs found by a
+    neighbour search at every call instead of a fixed list of all bead pairs.
+
+    ``E = sum_(r_ij < rc) (sigma_ij / r_ij)^n - (sigma_ij / rc)^n`` over the pairs of beads more than
+    ``exclusion_bonds`` bonds apart, with ``sigma`` per bead-type pair: the same energy as
+    :class:`ExcludedVolumePrior` with the same arguments, at a cost that grows linearly with the number of
+    beads (:func:`.neighbors.neighbor_pairs`: all pairs below 800 beads, a cell grid above) where the fixed
+    pair list grows as its square.  Meant for large boxes (a potential transferred to a larger system, see
+    :meth:`.model.CGPotential.transfer`).  With a box, the cutoff must not exceed half the smallest box
+    height.
+
+    It has no ``energy_terms_and_gradient`` (its pairs change from call to call), so
+    :class:`.model.CGPotential` evaluates it on its own, with :meth:`energy_and_forces`.
+
+    Parameters
+    ----------
+    n_beads, bonds, exclusion_bonds
+        The exclusion rule of :func:`nonbonded_pairs`: pairs joined by at most ``exclusion_bonds`` bonds are
+        left out.
+    sigma_nm
+        In nm: one value for all pairs, or with ``bead_types`` a symmetric ``(T, T)`` matrix per bead-type pair
+        (types numbered in order of first appearance).  Pairs with ``sigma = 0`` do not interact.
+    cutoff_nm
+        Cutoff in nm (required).
+    exponent
+        Exponent ``n`` (a positive integer).
+    bead_types
+        ``(n_beads,)`` type names (strings or integers), or ``None`` with a single ``sigma_nm``.
+    """
+
+    __jit_ignored_attributes__ = ["_config"]
+
+    def __init__(
+        self,
+        *,
+        n_beads: int,
+        sigma_nm: Any,
+        cutoff_nm: float,
+        bonds: Any = None,
+        exclusion_bonds: int = 2,
+        exponent: int = 12,
+        bead_types: Optional[Sequence[Any]] = None,
+    ) -> None:
+        super().__init__()
+        n_beads = _positive_int(n_beads, "n_beads")
+        bond_list = _index_array(bonds, 2, "bonds", n_beads=n_beads, allow_empty=True)
+        exclusion_bonds = _positive_int(exclusion_bonds, "exclusion_bonds", minimum=0)
+        exponent = _positive_int(exponent, "exponent")
+        try:
+            cutoff = float(cutoff_nm)
+        except (TypeError, ValueError):
+            raise ValueError(f"cutoff_nm must be a positive number; got {cutoff_nm!r}") from None
+        if not (math.isfinite(cutoff) and cutoff > 0):
+            raise ValueError(f"cutoff_nm must be positive and finite; got {cutoff_nm}")
+        config: Dict[str, Any] = {"n_beads": n_beads, "bonds": bond_list.tolist(),
+                                  "exclusion_bonds": exclusion_bonds}
+        if bead_types is not None:
+            codes, names = _type_codes(bead_types, n_beads)
+            matrix = _parameter_array(sigma_nm, (len(names), len(names)), "sigma_nm (per bead-type pair)",
+                                      minimum=0.0)
+            if not np.array_equal(matrix, matrix.T):
+                raise ValueError("sigma_nm per bead-type pair must be a symmetric matrix")
+            config.update(sigma_nm=matrix.tolist(),
+                          bead_types=[t if isinstance(t, str) else int(t) for t in bead_types])
+        else:
+            if np.ndim(sigma_nm) != 0:
+                raise ValueError("sigma_nm must be one value, or a matrix per bead-type pair with bead_types")
+            matrix = _parameter_array(sigma_nm, (), "sigma_nm", minimum=0.0).reshape(1, 1)
+            codes = np.zeros(n_beads, dtype=np.int64)
+            config.update(sigma_nm=float(matrix[0, 0]))
+        if not (matrix > 0).any():
+            raise ValueError("every sigma_nm is zero: the prior would be empty")
+        config.update(exponent=exponent, cutoff_nm=cutoff)
+        self._config = config
+        self.n_beads = n_beads
+        self.exponent = exponent
+        self.cutoff = cutoff
+        excluded = excluded_pairs(n_beads, bond_list, exclusion_bonds)
+        self.register_buffer("types", torch.from_numpy(codes), persistent=False)
+        self.register_buffer("exclusions", torch.from_numpy(excluded) if len(excluded) else None, persistent=False)
+        self.register_buffer("sigma_squared", torch.from_numpy(matrix ** 2))
+        self.register_buffer("shift", torch.from_numpy((matrix / cutoff) ** exponent))
+
+    @torch.jit.unused
+    def config(self) -> Dict[str, Any]:
+        """JSON-serialisable constructor arguments: ``type(self)(**self.config())`` rebuilds this prior."""
+        return copy.deepcopy(self._config)
+
+    def _pairs(self, positions: torch.Tensor, box: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pairs ``i < j`` within the cutoff: configurations and flat bead indices ``batch * n + i``,
+        ``batch * n + j`` ``(P,)``, displacements ``r_j - r_i`` ``(P, 3)``, ``(sigma/r)^n / r^2`` and the
+        shifted pair energies ``(P,)``."""
+        batch, i, j, displacement, _ = neighbor_pairs(positions, self.cutoff, box, self.exclusions)
+        ti = self.types.index_select(0, i)
+        tj = self.types.index_select(0, j)
+        dtype = positions.dtype
+        r2 = (displacement * displacement).sum(-1)
+        raw = torch.pow(self.sigma_squared.to(dtype)[ti, tj] / r2, 0.5 * self.exponent)
+        offset = batch * positions.shape[1]
+        return batch, offset + i, offset + j, displacement, raw / r2, raw - self.shift.to(dtype)[ti, tj]
+
+    def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm (differentiable)."""
+        batch, _, _, _, _, energy = self._pairs(positions, box)
+        return torch.zeros(positions.shape[0], dtype=positions.dtype, device=positions.device).index_add(
+            0, batch, energy)
+
+    @torch.jit.export
+    def energy_and_forces(self, positions: torch.Tensor,
+                          box: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Energies ``(B,)`` in kJ/mol and forces ``(B, n_beads, 3)`` in kJ/mol/nm, without autograd."""
+        with torch.no_grad():
+            x = positions.detach()
+            batch, i, j, displacement, coef, energy = self._pairs(x, box)
+            total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device).index_add(0, batch, energy)
+            # E = (sigma/r)^n with d = r_j - r_i: F_j = n (sigma/r)^n / r^2 d, F_i = -F_j
+            force = (self.exponent * coef).unsqueeze(-1) * displacement
+            forces = torch.zeros_like(x).view(-1, 3)
+            forces.index_add_(0, j, force).index_add_(0, i, -force)
+            return total, forces.view(x.shape)
+
+
+def excluded_pairs(n_beads: int, bonds: Any, exclusion_bonds: int = 2) -> np.ndarray:
+    """Bead pairs ``(i, j)``, ``i < j``, joined by a path of at most ``exclusion_bonds`` bonds: the pairs
+    :func:`nonbonded_pairs` leaves out, found without listing all pairs.
+
+    Parameters
+    ----------
+    n_beads
+        Number of beads.
+    bonds
+        ``(M, 2)`` bead index pairs.
+    exclusion_bonds
+        Longest path (in bonds) of an excluded pair; 0 excludes nothing.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(E, 2)`` ``int64``, sorted.
+    """
+    n_beads = _positive_int(n_beads, "n_beads")
+    exclusion_bonds = _positive_int(exclusion_bonds, "exclusion_bonds", minimum=0)
+    bond_array = _index_array(bonds, 2, "bonds", n_beads=n_beads, allow_empty=True)
+    step = sp.coo_matrix((np.ones(len(bond_array)), (bond_array[:, 0], bond_array[:, 1])), shape=(n_beads,) * 2)
+    step = ((step + step.T + sp.identity(n_beads)) > 0).astype(np.float64).tocsr()
+    reach = sp.identity(n_beads, format="csr")
+    for _ in range(exclusion_bonds):
+        reach = ((reach @ step) > 0).astype(np.float64)
+    excluded = sp.triu(reach, k=1).tocoo()
+    pairs = np.stack([excluded.row, excluded.col], axis=1).astype(np.int64).reshape(-1, 2)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
 #: Prior classes by name, for :func:`prior_from_dict`.
 PRIOR_CLASSES: Dict[str, type] = {
     cls.__name__: cls
-    for cls in (HarmonicBondPrior, HarmonicAnglePrior, FourierDihedralPrior, ExcludedVolumePrior)
+    for cls in (HarmonicBondPrior, HarmonicAnglePrior, FourierDihedralPrior, ExcludedVolumePrior,
+                NeighborExcludedVolumePrior)
 }
 
 

@@ -25,6 +25,7 @@ from .._training import save_checkpoint, write_log
 from .model import CGPotential
 from .priors import fit_priors
 from .schnet import SchNet
+from .transfer import describe_units
 
 #: Default network hyperparameters (SchNet).
 DEFAULT_NETWORK = {"hidden": 64, "n_rbf": 32, "cutoff_nm": 0.8, "n_interactions": 3}
@@ -174,9 +175,13 @@ class ForceMatchingTrainer:
             if last.bias is not None:
                 torch.nn.init.zeros_(last.bias)
             terms.append(net)
+        try:
+            units = describe_units(self.mapping)
+        except ValueError:  # a bead spans molecules: the potential cannot be transferred to other sizes
+            units = None
         potential = CGPotential(
             terms, n_priors=len(prior_terms), bead_names=self.mapping.bead_names, bead_types=types,
-            mapping_fingerprint=self.mapping.topology_fingerprint, periodic=periodic,
+            mapping_fingerprint=self.mapping.topology_fingerprint, periodic=periodic, units=units,
         ).to(self.dtype)
         for term in potential.priors:
             term.requires_grad_(False)
