@@ -7,11 +7,11 @@ whole array.
 ``KNNRegressionBaseline(mapping).fit(aa_dataset) -> KNNBackmapperModel`` is the per-molecule kNN regression
 baseline of seed 000 (frame by frame, no temporal coherence).
 """
-from .baseline import KNNBackmapper, KNNBackmapperModel, KNNRegressionBaseline
+from .baseline import KNNBackmapperModel, KNNRegressionBaseline
 from .inference import BackmapChain
 from .model import TemporalBackmapper
 from .offline import backmap, read_cg_trajectory
 from .trainer import BackmapperTrainer
 
-__all__ = ["BackmapChain", "BackmapperTrainer", "KNNBackmapper", "KNNBackmapperModel", "KNNRegressionBaseline",
+__all__ = ["BackmapChain", "BackmapperTrainer", "KNNBackmapperModel", "KNNRegressionBaseline",
            "TemporalBackmapper", "backmap", "read_cg_trajectory"]

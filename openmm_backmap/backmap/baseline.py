@@ -39,7 +39,7 @@ import torch
 from .._validation import as_box_vectors, as_coordinates
 from ._layout import UnitKind, UnitLayout, kabsch, whole
 
-__all__ = ["KNNBackmapper", "KNNBackmapperModel", "KNNRegressionBaseline"]
+__all__ = ["KNNBackmapperModel", "KNNRegressionBaseline"]
 
 FORMAT = "openmm-backmap/knn-baseline"
 FORMAT_VERSION = 1
@@ -172,9 +172,6 @@ class KNNBackmapperModel:
         The :class:`~openmm_backmap.mapping.CGMapping` it was trained for.
     layout
         Its :class:`~openmm_backmap.backmap._layout.UnitLayout`.
-    atom_indices
-        Indices into the mapping's AA topology of the output atoms (the atoms of all units, sorted), the same
-        convention as :attr:`TemporalBackmapper.atom_indices <openmm_backmap.backmap.TemporalBackmapper.atom_indices>`.
     """
 
     def __init__(self, mapping, kinds: Sequence[_KindModel], *, n_neighbors: int, weights: str, align: bool,
@@ -529,7 +526,3 @@ class KNNRegressionBaseline:
         return {"r2_mean": float(r2.mean()), "r2_std": float(r2.std()), "rmse_nm_mean": float(rmse.mean()),
                 "rmse_nm_std": float(rmse.std()), "n_splits": int(n_splits), "n_frames": int(len(positions)),
                 "folds": folds}
-
-
-#: the estimator under the name of the issue (``KNNBackmapper(mapping).fit(data) -> KNNBackmapperModel``)
-KNNBackmapper = KNNRegressionBaseline
