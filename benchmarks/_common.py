@@ -39,7 +39,7 @@ def machine() -> dict:
 
 def save(name: str, result: dict, markdown: str) -> Path:
     """Write ``results/NAME.json`` (with date and machine) and ``results/NAME.md``."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": name, "date": datetime.date.today().isoformat(), "machine": machine(), **result}
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2))
     m = record["machine"]

@@ -5,7 +5,10 @@ from the extended chain). Test data: an independent 2 ns trajectory (other seed,
 mapped to the 10 Cα beads and backmapped autoregressively (lag 0.2 ps) by the temporal model, the frame-based
 baseline and the library lookup. Metrics and the HTML report come from ``openmm_backmap.evaluation.evaluate_run``.
 
-    python benchmarks/bench_backmap_chignolin.py [--epochs 60] [--retrain]
+    python benchmarks/bench_backmap_chignolin.py [--epochs 60] [--test-ns 2] [--retrain] [--quick]
+
+``--quick`` (a smoke run) trains on a short AA run of its own (unless the results folder has the data of
+``bench_cg_chignolin``) and tests on a short one.
 """
 from __future__ import annotations
 
@@ -35,22 +38,41 @@ KEYS = ("bond_score", "clash_score", "energy_jsd", "energy_shift_kj_mol", "fes_j
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--test-ns", type=float, default=2.0, help="length of the AA test run (frames every 0.2 ps)")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 epochs, a 20 ps test run (100 frames) after 1000 equilibration steps, and "
+                             "without bench_cg_chignolin's data a 40 ps training run of its own (AA MD on the "
+                             "fastest platform, not Reference); models always retrained, not saved")
     args = parser.parse_args()
+    equilibration_steps, md_platform = 50_000, "Reference"
+    if args.quick:
+        args.epochs, args.test_ns, equilibration_steps, md_platform = 2, 0.02, 1000, None
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = RESULTS / "work_backmap_chignolin"
     work.mkdir(parents=True, exist_ok=True)
     train_path = RESULTS / "work_cg_chignolin" / "aa.h5"
+    cln = systems.chignolin("obc2")
+    timings = {}
+    if not train_path.exists() and args.quick:  # smoke run: a small training set of its own
+        train_path = work / "aa_train_0.04ns.h5"
+        if not train_path.exists():
+            t0 = time.perf_counter()
+            simulate_reference(train_path, cln.topology, cln.system, cln.positions, n_steps=20_000,
+                               report_interval=100, temperature_K=350.0, equilibration_steps=equilibration_steps,
+                               seed=1, platform=md_platform, progress=False)
+            timings["train_md_s"] = time.perf_counter() - t0
     if not train_path.exists():
         raise SystemExit(f"{train_path} is missing: run benchmarks/bench_cg_chignolin.py first")
-    cln = systems.chignolin("obc2")
-    test_path = work / "aa_test_2ns.h5"
-    timings = {}
+    with AADataset(train_path) as ds:
+        train_ns = len(ds.time) * float(np.median(np.diff(ds.time[:]))) / 1000
+    test_path = work / f"aa_test_{args.test_ns:g}ns.h5"
     if not test_path.exists():
         t0 = time.perf_counter()
-        simulate_reference(test_path, cln.topology, cln.system, cln.positions, n_steps=1_000_000,
-                           report_interval=100, temperature_K=350.0, equilibration_steps=50_000, seed=77,
-                           platform="Reference")
+        simulate_reference(test_path, cln.topology, cln.system, cln.positions,
+                           n_steps=int(args.test_ns * 500_000) // 100 * 100, report_interval=100,
+                           temperature_K=350.0, equilibration_steps=equilibration_steps, seed=77,
+                           platform=md_platform, progress=not args.quick)
         timings["test_md_s"] = time.perf_counter() - t0
     mapping = CGMapping.from_preset(cln.topology, "ca")
     with AADataset(test_path) as ds:
@@ -62,7 +84,7 @@ def main() -> None:
     models = {}
     for name, arch in (("temporal", {}), ("frame", {"condition_on_previous": False})):
         path = work / f"backmapper_{name}.pt"
-        if path.exists() and not args.retrain:
+        if path.exists() and not args.retrain and not args.quick:
             models[name] = TemporalBackmapper.load(path, mapping)
             continue
         t0 = time.perf_counter()
@@ -71,7 +93,8 @@ def main() -> None:
                                          log=work / f"training_{name}.csv", seed=0,
                                          ).fit()
         timings[f"train_{name}_s"] = time.perf_counter() - t0
-        models[name].save(path)
+        if not args.quick:
+            models[name].save(path)
 
     outputs = {}
     for name, model, mode in (("temporal", models["temporal"], "model"), ("frame", models["frame"], "model"),
@@ -88,33 +111,42 @@ def main() -> None:
         outputs[name] = out
 
     reports = {}
+    t0 = time.perf_counter()
     for name, baseline in (("temporal", "frame"), ("library", "frame")):
         reports[name] = evaluate_run(work / f"report_{name}", reference=test_path, backmapped=outputs[name],
                                      baseline=outputs[baseline], mapping=mapping,
                                      title=f"chignolin (Cα map): {name} vs frame-based")
+    timings["evaluate_s"] = time.perf_counter() - t0
     rows = {}
     for name, rep in reports.items():
         for row in rep["metrics"]:
             if row["key"] in KEYS:
                 rows.setdefault(row["key"], {})[f"{name}:{row['subject']}"] = (row["value"], row["target"],
                                                                               row["passed"])
-    record = {"train_data": str(train_path), "train_ns": 1.0, "test_frames": int(len(cg)), "lag_ps": 0.2,
+    record = {"train_data": str(train_path), "train_ns": train_ns, "test_ns": args.test_ns,
+              "test_frames": int(len(cg)), "lag_ps": 0.2,
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()}, "metrics": rows,
-              "timings": timings}
+              "timings": timings, "quick": args.quick}
     lines = ["| metric | subject | value | target | met |", "|---|---|---|---|---|"]
     for key, cells in rows.items():
         for subject, (value, target, passed) in cells.items():
             mark = "–" if passed is None else ("✓" if passed else "✗")
             lines.append(f"| {key} | {subject} | {value:.4g} | {target or '–'} | {mark} |")
+    source = "`cg_chignolin`" if train_path.parent.name == "work_cg_chignolin" else "a short run of its own"
+    try:
+        reports_dir = work.resolve().relative_to(Path(__file__).resolve().parent.parent)
+    except ValueError:
+        reports_dir = work
     md_text = (
-        f"Chignolin, Cα map (10 beads → 138 atoms), 350 K. Trained on the 1 ns AA reference of `cg_chignolin` "
+        f"Chignolin, Cα map (10 beads → 138 atoms), 350 K. Trained on the {train_ns:g} ns AA reference of {source} "
         f"(frames every 0.2 ps, {models['temporal'].metadata['pairs']['train']} training pairs); tested on an "
-        f"independent 2 ns run ({len(cg)} frames, τ = 0.2 ps), backmapped autoregressively. `temporal` rows compare "
+        f"independent {args.test_ns:g} ns run ({len(cg)} frames, τ = 0.2 ps), backmapped autoregressively. "
+        "`temporal` rows compare "
         "the temporal VAE (and, as `baseline`, the frame-based model); `library` rows the library lookup.\n\n"
         + "\n".join(lines) + "\n\n"
         f"Backmapping cost per frame (ms): temporal {timings['backmap_temporal_ms_per_frame']:.2f}, frame-based "
         f"{timings['backmap_frame_ms_per_frame']:.2f}, library {timings['backmap_library_ms_per_frame']:.2f}. "
-        f"Full reports: `benchmarks/results/work_backmap_chignolin/report_*/report.html`.\n"
+        f"Full reports: `{reports_dir}/report_*/report.html`.\n"
     )
     save("backmap_chignolin", record, md_text)
     print(md_text)

@@ -6,7 +6,7 @@ AA reference (amber14 + OBC2, 300 K) -> backbone-cb 6-bead map -> priors-only an
 number of blow-ups.  Targets: FES JSD <= 0.05; each bond/angle/dihedral JSD <= 0.02; 0 blow-ups in
 8 replicas × 250 000 steps.
 
-    python benchmarks/bench_cg_alanine.py [--aa-ns 20] [--replicas 8] [--steps 250000] [--epochs 30]
+    python benchmarks/bench_cg_alanine.py [--aa-ns 20] [--replicas 8] [--steps 250000] [--epochs 30] [--quick]
 """
 from __future__ import annotations
 
@@ -80,7 +80,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250_000)
     parser.add_argument("--dt-fs", type=float, default=4.0)
     parser.add_argument("--work", type=Path, default=RESULTS / "work_cg_alanine")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 0.2 ns of AA data (1000 frames), 3 epochs, 2 replicas × 4000 CG steps; the "
+                             "potential is always retrained")
     args = parser.parse_args()
+    if args.quick:
+        args.aa_ns, args.train_frames, args.epochs, args.replicas, args.steps = 0.2, 1000, 3, 2, 4000
     torch.set_num_threads(1)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,8 @@ def main() -> None:
     ts = systems.alanine_dipeptide("obc2")
     n_steps = int(args.aa_ns * 500_000) // 100 * 100
     aa = simulate_reference(work / "aa.h5", ts.topology, ts.system, ts.positions, n_steps=n_steps,
-                            report_interval=100, equilibration_steps=10_000, append=True, seed=1)
+                            report_interval=100, equilibration_steps=10_000, append=True, seed=1,
+                            progress=not args.quick)
     mapping = CGMapping.from_preset(ts.topology, "backbone-cb")
     cg_path = map_dataset(aa, mapping, work / "cg.h5", overwrite=True)
     with CGDataset(cg_path) as cg:
@@ -97,7 +103,7 @@ def main() -> None:
     bonds = np.array([[b[0].index, b[1].index] for b in mapping.cg_topology.bonds])
 
     model_path = work / "potential.pt"
-    if model_path.exists():
+    if model_path.exists() and not args.quick:
         full = CGPotential.load(model_path, mapping=mapping)
     else:
         trainer = ForceMatchingTrainer(mapping, cg_path, max_epochs=args.epochs, patience=6,

@@ -4,7 +4,7 @@ AA reference (amber14 + OBC2 at 350 K, from the extended chain) -> 10-bead Cα m
 replicas of CG Langevin dynamics (TorchForce, 4 fs) -> blow-ups, and the Jensen–Shannon divergence of every
 bead-pair distance distribution against the mapped AA data (and of the end-to-end distance).
 
-    python benchmarks/bench_cg_chignolin.py [--aa-ns 10] [--replicas 8] [--steps 250000]
+    python benchmarks/bench_cg_chignolin.py [--aa-ns 10] [--replicas 8] [--steps 250000] [--quick]
 """
 from __future__ import annotations
 
@@ -35,8 +35,14 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--steps", type=int, default=250_000)
     parser.add_argument("--dt-fs", type=float, default=4.0)
+    parser.add_argument("--equilibration-steps", type=int, default=50_000, help="AA steps before the first frame")
     parser.add_argument("--work", type=Path, default=RESULTS / "work_cg_chignolin")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 20 ps of AA data (100 frames) after 2000 equilibration steps, 2 epochs, "
+                             "2 replicas × 2000 CG steps; the potential is always retrained")
     args = parser.parse_args()
+    if args.quick:
+        args.aa_ns, args.equilibration_steps, args.epochs, args.replicas, args.steps = 0.02, 2000, 2, 2, 2000
     torch.set_num_threads(1)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -45,13 +51,14 @@ def main() -> None:
     ts = systems.chignolin("obc2")
     n_steps = int(args.aa_ns * 500_000) // 100 * 100
     aa = simulate_reference(work / "aa.h5", ts.topology, ts.system, ts.positions, n_steps=n_steps,
-                            report_interval=100, temperature_K=350.0, equilibration_steps=50_000, append=True, seed=1)
+                            report_interval=100, temperature_K=350.0, equilibration_steps=args.equilibration_steps,
+                            append=True, seed=1, progress=not args.quick)
     mapping = CGMapping.from_preset(ts.topology, "ca")
     cg_path = map_dataset(aa, mapping, work / "cg.h5", overwrite=True)
     with CGDataset(cg_path) as cg:
         ref = cg.positions[:].astype(np.float64)
     model_path = work / "potential.pt"
-    if model_path.exists():
+    if model_path.exists() and not args.quick:
         full = CGPotential.load(model_path, mapping=mapping)
     else:
         full = ForceMatchingTrainer(mapping, cg_path, max_epochs=args.epochs, patience=6, max_frames=args.train_frames,

@@ -9,7 +9,7 @@ Target: CG ns/day >= 20x AA TIP3P ns/day.
 The machine may be shared with other jobs: every system is measured ``--rounds`` times, interleaved, and
 the best round counts (the load average during the run is recorded).
 
-    python benchmarks/bench_cg_speed.py [--seconds 10] [--rounds 3]
+    python benchmarks/bench_cg_speed.py [--seconds 10] [--rounds 3] [--quick]
 """
 from __future__ import annotations
 
@@ -63,13 +63,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="wall time per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurements per system (best counts)")
+    parser.add_argument("--aa-steps", type=int, default=20_000,
+                        help="steps of the AA OBC2 run whose mapped frames fit the priors (frames every 100 steps)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 round of 1 s per system, priors fitted to a 10 000-step AA run")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.aa_steps = 1.0, 1, 10_000
     torch.set_num_threads(1)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         ts = systems.alanine_dipeptide("obc2")
-        aa = simulate_reference(Path(tmp) / "aa.h5", ts.topology, ts.system, ts.positions, n_steps=20_000,
+        aa = simulate_reference(Path(tmp) / "aa.h5", ts.topology, ts.system, ts.positions, n_steps=args.aa_steps,
                                 report_interval=100, progress=False)
         mapping = CGMapping.from_preset(ts.topology, "backbone-cb")
         with CGDataset(map_dataset(aa, mapping, Path(tmp) / "cg.h5", progress=False)) as cg:
@@ -140,7 +146,7 @@ def main() -> None:
                       "force_cost_us": force_cost, "ratio_cg_torch_vs_aa_tip3p": ratio,
                       "ratio_cg_torch_vs_aa_tip3p_per_round": round_ratios,
                       f"ratio_{N_COPIES}_copies_aggregate_vs_aa_tip3p": aggregate,
-                      "rounds": args.rounds, "seconds": args.seconds,
+                      "rounds": args.rounds, "seconds": args.seconds, "quick": args.quick,
                       "steps_per_s_all_rounds": {k: [sample[0] for sample in v] for k, v in samples.items()},
                       "load_average_1min": load}, "\n".join(md))
 

@@ -3,7 +3,7 @@
 Target (issue 2): <= 10 % overhead.  The two variants are run interleaved (A B A B ...) in one process
 and the ratio is taken from the medians, so machine noise affects both alike.
 
-    python benchmarks/bench_data_writer.py [--repeats 5]
+    python benchmarks/bench_data_writer.py [--repeats 5] [--quick]
 """
 from __future__ import annotations
 
@@ -73,10 +73,15 @@ def measure(test_system, n_steps: int, interval: int, repeats: int, tmp: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 repetitions of 1/10 the steps (5000 OBC2, 200 TIP3P)")
     args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    if args.quick:
+        args.repeats = 2
     cases = [
-        (systems.alanine_dipeptide("obc2"), 50_000),
-        (systems.alanine_dipeptide("tip3p"), 2_000),
+        (systems.alanine_dipeptide("obc2"), 50_000 // scale),
+        (systems.alanine_dipeptide("tip3p"), 2_000 // scale),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +97,7 @@ def main() -> None:
                   f"{r['steps_per_s_with_reporter']:.0f} | {100 * r['overhead']:+.1f} % | ≤ 10 % |")
     md.append(f"\nMedians of {args.repeats} interleaved repetitions; positions, forces and velocities stored "
               "in float32 with a flush per frame.\n")
-    save("data_writer", {"cases": rows}, "\n".join(md))
+    save("data_writer", {"cases": rows, "repeats": args.repeats, "quick": args.quick}, "\n".join(md))
 
 
 if __name__ == "__main__":
