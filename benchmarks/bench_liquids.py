@@ -49,12 +49,18 @@ WORK = RESULTS / "work_liquids"
 #: step of the 300-molecule box near 10 ms (1-bead) on one core; the excluded-volume prior gets a cutoff so it is
 #: neighbour-searched (linear in the box). The forces-only one-bead model runs shorter: it tests stability only.
 SMALL_NET = {"hidden": 32, "n_interactions": 2, "n_rbf": 16}
+#: The excluded-volume wall is set at 3 kT at the 1 % closest approach (the default 1 kT at 0.1 % let the first
+#: one-bead model trained here collapse after 45 ps: its network attracts beads below the sampled distances).
+WALL = {"sigma_energy_kT": 3.0, "sigma_quantile": 0.01}
 CASES = {
-    "benzene": [("1-bead", "molecule", 8.0, {0.1: 1000.0, 0.0: 250.0}, {**SMALL_NET, "cutoff_nm": 0.8},
-                 {"cutoff_nm": 1.0}),
-                ("3-bead", "benzene-3bead", 4.0, {0.1: 100.0}, {**SMALL_NET, "cutoff_nm": 0.6}, {"cutoff_nm": 0.6})],
-    "hexane": [("3-bead", "hexane-3bead", 4.0, {0.1: 100.0}, {**SMALL_NET, "cutoff_nm": 0.6}, {"cutoff_nm": 0.6})],
-    "cumene": [("3-bead", "cumene-3bead", 4.0, {0.1: 100.0}, {**SMALL_NET, "cutoff_nm": 0.6}, {"cutoff_nm": 0.6})],
+    "benzene": [("1-bead", "molecule", 8.0, {1.0: 500.0, 0.0: 100.0}, {**SMALL_NET, "cutoff_nm": 0.8},
+                 {"cutoff_nm": 1.0, **WALL}),
+                ("3-bead", "benzene-3bead", 4.0, {1.0: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
+                 {"cutoff_nm": 0.6, **WALL})],
+    "hexane": [("3-bead", "hexane-3bead", 4.0, {1.0: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
+                {"cutoff_nm": 0.6, **WALL})],
+    "cumene": [("3-bead", "cumene-3bead", 4.0, {1.0: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
+                {"cutoff_nm": 0.6, **WALL})],
 }
 TARGETS = {"com_rdf_l1_nm": 0.05, "bonded_jsd": 0.02, "clash": 0.001, "cc_rdf_l1_nm": 0.05, "lj_jsd": 0.05,
            "bond_score": 0.99, "velocity_ratio": 1 / 3, "latency_300_ms": 100.0}
@@ -162,6 +168,10 @@ def section_cg(name: str, args) -> dict:
     ds.close()
     results = {}
     for label, preset, dt_fs, weights, network, priors in CASES[name]:
+        if args.maps and label not in args.maps.split(","):
+            continue
+        if args.weights:
+            weights = {float(w): weights.get(float(w), 100.0) for w in args.weights.split(",")}
         mapping = CGMapping.from_preset(top, preset)
         cg_path = map_dataset(path, mapping, WORK / f"cg_{name}_{label}.h5", overwrite=True, progress=False)
         with CGDataset(cg_path) as cg:
@@ -200,7 +210,8 @@ def section_cg(name: str, args) -> dict:
                 row.update(bonded_jsds(mapping, ref, xyz))
             results[key] = row
             print(name, key, {k: v for k, v in row.items() if not isinstance(v, (list, dict))}, flush=True)
-            if lam == max(weights) and args.transfer_ps > 0 and label == "1-bead" or args.quick:
+            if (lam == max(weights) and args.transfer_ps > 0 and label == "1-bead" or args.quick) and \
+                    info["blow_up"] is None:
                 results[key]["size_transfer"] = size_transfer(mapping, pot, ref[-1], box, dt_fs, args, r, g_ref,
                                                               top, preset)
                 print(name, key, "size transfer", {k: v for k, v in results[key]["size_transfer"].items()
@@ -472,6 +483,8 @@ def main() -> None:
     parser.add_argument("--test-frames", type=int, default=200)
     parser.add_argument("--speed-steps", type=int, default=400)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--maps", help="only these maps, e.g. 1-bead (default: all of the liquid)")
+    parser.add_argument("--weights", help="only these energy weights, e.g. 1,0 (default: the case's)")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test of the pipeline)")
     args = parser.parse_args()
     if args.quick:
@@ -487,15 +500,18 @@ def main() -> None:
                 generate(resname, 64, WORK / f"aa_{name}.h5", equilibration_ps=1.0, production_ps=4.0, frame_ps=0.1,
                          progress=False)
     out_json = RESULTS / "liquids.json"
-    all_results = json.loads(out_json.read_text()).get("results", {}) if out_json.exists() else {}
     for name in args.liquids.split(","):
-        res = all_results.setdefault(name, {})
         for section in args.sections.split(","):
             t0 = time.perf_counter()
-            res[section] = {"cg": section_cg, "backmap": section_backmap, "speed": section_speed}[section](name, args)
+            result = {"cg": section_cg, "backmap": section_backmap, "speed": section_speed}[section](name, args)
             print(f"{name} {section}: {time.perf_counter() - t0:.0f} s", flush=True)
-            save("liquids", {"settings": {k: v for k, v in vars(args).items()}, "results": all_results},
-                 markdown(all_results))
+            # re-read before writing: sections may run in separate processes at the same time
+            recorded = json.loads(out_json.read_text()) if out_json.exists() else {}
+            all_results = recorded.get("results", {})
+            all_results.setdefault(name, {})[section] = result
+            settings = recorded.get("settings", {})
+            settings[f"{name}/{section}"] = dict(vars(args))
+            save("liquids", {"settings": settings, "results": all_results}, markdown(all_results))
 
 
 if __name__ == "__main__":
