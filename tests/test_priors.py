@@ -660,3 +660,32 @@ def test_bad_fit_input():
         fit_priors(xyz, CHAIN, -5.0)
     with pytest.raises(ValueError, match="do not vary"):
         fit_priors(np.broadcast_to(xyz[0], (50, 6, 3)), CHAIN, T, terms=["bonds"])
+
+
+def test_a_fitted_excluded_volume_of_a_large_box_is_neighbour_searched_with_the_same_energy():
+    """Over NEIGHBOR_SEARCH_MIN_PAIRS pairs (a liquid box) fit_priors returns the neighbour-searched prior; it gives
+    the energy and forces of the fixed-list prior with the same sigma."""
+    from openmm_backmap.potential.priors import ExcludedVolumePrior, NEIGHBOR_SEARCH_MIN_PAIRS, \
+        NeighborExcludedVolumePrior
+
+    rng = np.random.default_rng(3)
+    n, edge = 220, 3.0
+    assert n * (n - 1) // 2 > NEIGHBOR_SEARCH_MIN_PAIRS
+    xyz = rng.uniform(0, edge, size=(6, n, 3))
+    box = np.broadcast_to(np.eye(3) * edge, (6, 3, 3)).copy()
+    types = ["A"] * (n // 2) + ["B"] * (n - n // 2)
+    (prior,) = fit_priors(xyz, np.zeros((0, 2), dtype=int), 300.0, box=box, bead_types=types, cutoff_nm=1.0,
+                          terms=["excluded_volume"])
+    assert isinstance(prior, NeighborExcludedVolumePrior)
+    cfg = prior.config()
+    fixed = ExcludedVolumePrior(n_beads=n, sigma_nm=np.array(cfg["sigma_nm"]), bead_types=types, bonds=None,
+                                exclusion_bonds=2, exponent=12, cutoff_nm=1.0).double()
+    x, b = torch.tensor(xyz[:2] + 0.01), torch.tensor(box[:2])
+    e_n, f_n = prior.double().energy_and_forces(x, b)
+    e_f, f_f = fixed.energy_and_forces(x, b)
+    torch.testing.assert_close(e_n, e_f, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(f_n, f_f, rtol=1e-9, atol=1e-7)
+    # a small system keeps the fused fixed-list prior
+    (small,) = fit_priors(xyz[:, :20], np.zeros((0, 2), dtype=int), 300.0, box=box, bead_types=types[:20],
+                          cutoff_nm=1.0, terms=["excluded_volume"])
+    assert isinstance(small, ExcludedVolumePrior)
