@@ -390,7 +390,7 @@ def section_speed(name: str, args) -> dict:
             pot = CGPotential.load(pot_files[-1], mapping=mapping)
             cgx = mapping.map_positions(mapping.make_molecules_whole(xyz[None], box[None]))[0]
             _, info = run_cg(mapping, pot.double(), cgx, box, n_steps=int(args.speed_steps), dt_fs=dt_fs,
-                             report_ps=1e9)
+                             report_ps=int(args.speed_steps) * dt_fs / 1000)  # one block: no reports in between
             aa = aa_speed(top, system, xyz, box, int(args.speed_steps) // 4)
             out[f"{label} CG vs AA"] = {"cg_ns_per_day": info["ns_per_day"], "aa_ns_per_day": aa,
                                         "ratio": info["ns_per_day"] / aa, "cg_dt_fs": dt_fs, "aa_dt_fs": 2.0}
