@@ -519,7 +519,8 @@ def main() -> None:
             # re-read before writing: sections may run in separate processes at the same time
             recorded = json.loads(out_json.read_text()) if out_json.exists() else {}
             all_results = recorded.get("results", {})
-            all_results.setdefault(name, {})[section] = result
+            # merge: cases of one section may also come from separate processes (--maps/--weights)
+            all_results.setdefault(name, {}).setdefault(section, {}).update(result)
             settings = recorded.get("settings", {})
             settings[f"{name}/{section}"] = dict(vars(args))
             save("liquids", {"settings": settings, "results": all_results}, markdown(all_results))
