@@ -174,7 +174,9 @@ def section_cg(name: str, args) -> dict:
         if args.weights:
             weights = {float(w): weights.get(float(w), 100.0) for w in args.weights.split(",")}
         mapping = CGMapping.from_preset(top, preset)
-        cg_path = map_dataset(path, mapping, WORK / f"cg_{name}_{label}.h5", overwrite=True, progress=False)
+        cg_path = WORK / f"cg_{name}_{label}.h5"
+        if not cg_path.exists():  # mapped once (several processes may run cases of one map)
+            map_dataset(path, mapping, cg_path, progress=False)
         with CGDataset(cg_path) as cg:
             ref = cg.positions[:].astype(np.float64)
             box = cg.box_vectors[0].astype(np.float64)
