@@ -362,7 +362,7 @@ def section_speed(name: str, args) -> dict:
     box = ds.box_vectors[-1].astype(np.float64)
     ds.close()
     out = {}
-    for label, preset, dt_fs, *_ in CASES[name][:1]:
+    for label, preset, dt_fs, weights, *_ in CASES[name][:1]:
         mapping = CGMapping.from_preset(top, preset)
         model_path = WORK / f"backmapper_{name}_{label}_temporal.pt"
         if not model_path.exists():
@@ -389,9 +389,9 @@ def section_speed(name: str, args) -> dict:
             print(name, label, "latency", reps, lat[int(len(bead_units(big_map)))], flush=True)
         out[f"{label} backmapping latency"] = lat
         # CG vs AA ns/day, side by side in this process
-        pot_files = sorted(WORK.glob(f"potential_{name}_{label}_lambda*.pt"))
-        if pot_files:
-            pot = CGPotential.load(pot_files[-1], mapping=mapping)
+        pot_file = WORK / f"potential_{name}_{label}_lambda{max(weights):g}.pt"  # the one trained with the energy term
+        if pot_file.exists():
+            pot = CGPotential.load(pot_file, mapping=mapping)
             cgx = mapping.map_positions(mapping.make_molecules_whole(xyz[None], box[None]))[0]
             _, info = run_cg(mapping, pot.double(), cgx, box, n_steps=int(args.speed_steps), dt_fs=dt_fs,
                              report_ps=int(args.speed_steps) * dt_fs / 1000)  # one block: no reports in between
