@@ -172,7 +172,7 @@ def section_cg(name: str, args) -> dict:
         if args.maps and label not in args.maps.split(","):
             continue
         if args.weights:
-            weights = {float(w): weights.get(float(w), 100.0) for w in args.weights.split(",")}
+            weights = {float(w): weights.get(float(w), max(weights.values())) for w in args.weights.split(",")}
         mapping = CGMapping.from_preset(top, preset)
         cg_path = WORK / f"cg_{name}_{label}.h5"
         if not cg_path.exists():  # mapped once (several processes may run cases of one map)
