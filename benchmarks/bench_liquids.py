@@ -432,22 +432,27 @@ def markdown(all_results: dict) -> str:
         if cg:
             lines += [f"### {name}: CG potentials (TorchForce, Langevin 300 K)", "",
                       "| model | ps run | blow-up | ⟨T⟩ (K) | T drift (K) | COM g(r) L1 (nm, ≤ 0.05) | "
-                      "bond / angle JSD max (≤ 0.02) | ns/day |", "|---|---|---|---|---|---|---|---|"]
+                      "bond / angle JSD max (≤ 0.02) | ns/day | val. force MSE: model / priors only |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for key, row in cg.items():
                 bj = (f"{row.get('bond_jsd_max', float('nan')):.3f} / {row.get('angle_jsd_max', float('nan')):.3f}"
                       if "bond_jsd_max" in row else "–")
                 lines.append(f"| {key} | {row['ps']:.0f} | {'no' if row['blow_up'] is None else 'YES: ' + row['blow_up'][:50]} "
                              f"| {row.get('temperature_mean_K', float('nan')):.1f} | "
                              f"{row.get('temperature_drift_K', float('nan')):+.1f} | "
-                             f"{row.get('com_rdf_l1_nm', float('nan')):.3f} | {bj} | {row['ns_per_day']:.1f} |")
+                             f"{row.get('com_rdf_l1_nm', float('nan')):.3f} | {bj} | {row['ns_per_day']:.1f} | "
+                             f"{row.get('val_force_mse') or float('nan'):.4g} / "
+                             f"{row.get('priors_only_val_force_mse') or float('nan'):.4g} |")
                 st = row.get("size_transfer")
                 if st:
                     lines.append(f"| ↳ transferred to {st['molecules']} molecules (2×2×2) | {st['ps']:.0f} | "
                                  f"{'no' if st['blow_up'] is None else 'YES'} | "
                                  f"{st.get('temperature_mean_K', float('nan')):.1f} | "
                                  f"{st.get('temperature_drift_K', float('nan')):+.1f} | "
-                                 f"{st.get('com_rdf_l1_nm', float('nan')):.3f} | – | {st['ns_per_day']:.1f} |")
-            lines.append("")
+                                 f"{st.get('com_rdf_l1_nm', float('nan')):.3f} | – | {st['ns_per_day']:.1f} | |")
+            lines.append("\nRuns start from the last AA frame mapped to CG; the CG time step is 8 fs (1 bead) or 4 fs "
+                         "(3 beads); g(r) and distributions use the frames after the first 20 % (before a blow-up, "
+                         "if any). Force MSE in (kJ/mol/nm)², on held-out frames.\n")
         bm = res.get("backmap", {})
         for label, rows in bm.items():
             lines += [f"### {name} {label}: backmapping held-out frames (lag {rows['lag_ps']:g} ps, "
