@@ -444,12 +444,17 @@ def markdown(all_results: dict) -> str:
                              f"{row.get('val_force_mse') or float('nan'):.4g} / "
                              f"{row.get('priors_only_val_force_mse') or float('nan'):.4g} |")
                 st = row.get("size_transfer")
+                if st and "com_rdf" in st and "com_rdf" in row:
+                    transfer_l1 = metrics.rdf_l1_nm(np.array(row["com_rdf"]["r_nm"]), np.array(row["com_rdf"]["cg"]),
+                                                    np.array(st["com_rdf"]["cg"]))
+                    st = {**st, "vs_small_box_l1_nm": transfer_l1}
                 if st:
                     lines.append(f"| ↳ transferred to {st['molecules']} molecules (2×2×2) | {st['ps']:.0f} | "
                                  f"{'no' if st['blow_up'] is None else 'YES'} | "
                                  f"{st.get('temperature_mean_K', float('nan')):.1f} | "
                                  f"{st.get('temperature_drift_K', float('nan')):+.1f} | "
-                                 f"{st.get('com_rdf_l1_nm', float('nan')):.3f} | – | {st['ns_per_day']:.1f} | |")
+                                 f"{st.get('com_rdf_l1_nm', float('nan')):.3f} (vs the small box's CG g(r): "
+                                 f"{st.get('vs_small_box_l1_nm', float('nan')):.3f}) | – | {st['ns_per_day']:.1f} | |")
             lines.append("\nRuns start from the last AA frame mapped to CG; the CG time step is 8 fs (1 bead) or 4 fs "
                          "(3 beads); g(r) and distributions use the frames after the first 20 % (before a blow-up, "
                          "if any). Force MSE in (kJ/mol/nm)², on held-out frames.\n")
