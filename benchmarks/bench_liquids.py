@@ -83,7 +83,7 @@ def com_rdf(xyz_beads: np.ndarray, box: np.ndarray, units: np.ndarray, masses: n
 
 
 def bead_units(mapping) -> np.ndarray:
-    from openmm_backmap.backmap._layout import UnitLayout
+    from openmm_backmap._units import UnitLayout
 
     kinds = UnitLayout(mapping).kinds
     if len(kinds) != 1:

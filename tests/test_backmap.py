@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from openmm_backmap.backmap import BackmapperTrainer, TemporalBackmapper
-from openmm_backmap.backmap._layout import UnitLayout, kabsch, random_rotations
+from openmm_backmap._units import UnitLayout, kabsch, random_rotations
 from openmm_backmap.data import AADataset
 
 

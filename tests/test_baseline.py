@@ -7,7 +7,7 @@ import pytest
 import torch  # noqa: F401  (before openmm, see openmm_backmap._openmmtorch)
 
 from openmm_backmap.backmap import KNNBackmapperModel, KNNRegressionBaseline
-from openmm_backmap.backmap._layout import UnitLayout
+from openmm_backmap._units import UnitLayout
 from openmm_backmap.data import AADataset
 from openmm_backmap.mapping import CGMapping
 

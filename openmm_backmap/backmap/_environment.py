@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from ._layout import minimum_image
+from .._units import minimum_image
 
 #: Element classes of atom points (one-hot channels after the bead types).
 ELEMENT_CLASSES = ("H", "C", "N", "O", "S")
@@ -36,7 +36,7 @@ class EnvironmentIndex:
     Parameters
     ----------
     layout
-        The :class:`~openmm_backmap.backmap._layout.UnitLayout`.
+        The :class:`~openmm_backmap._units.UnitLayout`.
     bead_types
         Type name of every bead.
     atom_elements

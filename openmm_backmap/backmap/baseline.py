@@ -10,7 +10,7 @@ validation. This module builds the kNN variant in the estimator/model style of d
     aa_nm = model.backmap(cg_nm, box_vectors_nm)     # (n_frames, n_out_atoms, 3)
     baseline.cross_validate("aa.h5", n_splits=5)     # R² and RMSE, mean ± std over folds
 
-Work is done per *unit* (a molecule that holds beads, see :class:`~openmm_backmap.backmap._layout.UnitLayout`)
+Work is done per *unit* (a molecule that holds beads, see :class:`~openmm_backmap._units.UnitLayout`)
 and per unit *kind*: all units of one kind share one regressor, so a model trained on a box of 20 benzene
 molecules backmaps a box of any number of them.
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .._validation import as_box_vectors, as_coordinates
-from ._layout import UnitKind, UnitLayout, kabsch, whole
+from .._units import UnitKind, UnitLayout, kabsch, whole
 
 __all__ = ["KNNBackmapperModel", "KNNRegressionBaseline"]
 
@@ -171,7 +171,7 @@ class KNNBackmapperModel:
     mapping
         The :class:`~openmm_backmap.mapping.CGMapping` it was trained for.
     layout
-        Its :class:`~openmm_backmap.backmap._layout.UnitLayout`.
+        Its :class:`~openmm_backmap._units.UnitLayout`.
     """
 
     def __init__(self, mapping, kinds: Sequence[_KindModel], *, n_neighbors: int, weights: str, align: bool,

@@ -1,7 +1,7 @@
 """The temporally coherent backmapper: a conditional VAE per unit kind, in frames aligned to the CG beads.
 
 Representation (our choice; seed 003 used one voxel channel per atom of the whole molecule, which does not scale
-to liquids): the system is split into units (molecules, see :mod:`._layout`); every unit is expressed in its own
+to liquids): the system is split into units (molecules, see :mod:`openmm_backmap._units`); every unit is expressed in its own
 local frame (origin at its bead centroid, axes from the beads, or from the previous AA frame for units with fewer
 than three beads). In that frame the decoder sees
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from .._topology import topology_from_json, topology_to_json
 from ._environment import EnvironmentIndex, Neighbors
-from ._layout import UnitKind, UnitLayout, kabsch, minimum_image, random_rotations, whole
+from .._units import UnitKind, UnitLayout, kabsch, minimum_image, random_rotations, whole
 
 FORMAT = "openmm-backmap/backmapper"
 FORMAT_VERSION = 1

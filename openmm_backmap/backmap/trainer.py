@@ -35,7 +35,7 @@ import torch
 
 from .._training import save_checkpoint, write_log
 from .._physics import BOLTZMANN_KJ_MOL_K
-from ._layout import kabsch
+from .._units import kabsch
 from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper
 
 #: Default weights of the loss terms.

@@ -229,7 +229,7 @@ class CGPotential(torch.nn.Module):
         For instance a box 8x larger (:func:`openmm_backmap.systems.replicate`) or a box of another number of
         molecules (:func:`openmm_backmap.systems.liquid`).  Every molecule that holds beads in ``mapping`` is
         matched to a molecule kind of the training mapping: the same residue and atom names, elements, bead
-        types and bead weights (:class:`openmm_backmap.backmap._layout.UnitLayout`).  Then:
+        types and bead weights (:class:`openmm_backmap._units.UnitLayout`).  Then:
 
         * bonded priors (bonds, angles, dihedrals): every interaction of a training molecule is copied into
           every new molecule of its kind with its parameters (the mean over the training molecules of the kind,

@@ -6,7 +6,7 @@ pair, the bonded parameters, which :func:`~.priors.fit_priors` pools over intera
 :func:`transfer_potential` rebuilds the index lists for another mapping of a system made of the same kinds of
 molecule, e.g. a box 8x larger, and keeps all parameters.
 
-Molecules are matched by :class:`openmm_backmap.backmap._layout.UnitLayout`: a *unit* is a molecule that holds
+Molecules are matched by :class:`openmm_backmap._units.UnitLayout`: a *unit* is a molecule that holds
 beads, and units with the same residue and atom names, elements, bead types and bead weights are of the same
 *kind*.  A potential records the kinds of its training mapping and which beads each unit holds
 (:func:`describe_units`, stored as ``CGPotential.units``), so a transfer needs only the new mapping.
@@ -51,7 +51,7 @@ def describe_units(mapping: Any) -> Dict[str, Any]:
     -------
     dict
         ``{"kinds": [{"name", "signature", "molecule", "n_beads", "bead_index"}, ...]}``, kinds in order of
-        first appearance: ``signature`` is the SHA-256 of the :class:`~openmm_backmap.backmap._layout.UnitLayout`
+        first appearance: ``signature`` is the SHA-256 of the :class:`~openmm_backmap._units.UnitLayout`
         signature (residue/atom names, elements, bead types, bead weights), ``molecule`` the SHA-256 of the
         residue/atom names and elements alone, and ``bead_index`` the ``(n_units, n_beads)`` global bead
         indices of every unit of the kind.
@@ -61,7 +61,7 @@ def describe_units(mapping: Any) -> Dict[str, Any]:
     ValueError
         A bead spans more than one molecule.
     """
-    from ..backmap._layout import UnitLayout
+    from .._units import UnitLayout
 
     try:
         layout = UnitLayout(mapping)

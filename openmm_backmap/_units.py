@@ -1,4 +1,6 @@
-"""How a mapped system splits into backmapping units, and the rigid-body geometry of their local frames.
+"""How a mapped system splits into units (molecules that hold beads) and the rigid-body geometry of their frames.
+
+Shared by the backmapper, the kNN baseline and the size transfer of CG potentials (all work per kind of molecule).
 
 A *unit* is one molecule (connected component of the AA bond graph) that holds at least one bead. Units with
 the same atoms, residue/atom names and bead definitions are of the same *kind* and share one network, so a
