@@ -892,16 +892,9 @@ def nonbonded_pairs(n_beads: int, bonds: Any, exclusion_bonds: int = 2) -> np.nd
         ``(P, 2)`` ``int64``, sorted.
     """
     n_beads = _positive_int(n_beads, "n_beads")
-    exclusion_bonds = _positive_int(exclusion_bonds, "exclusion_bonds", minimum=0)
-    bond_array = _index_array(bonds, 2, "bonds", n_beads=n_beads, allow_empty=True)
-    step = sp.coo_matrix((np.ones(len(bond_array)), (bond_array[:, 0], bond_array[:, 1])), shape=(n_beads,) * 2)
-    step = ((step + step.T + sp.identity(n_beads)) > 0).astype(np.float64).tocsr()
-    reach = sp.identity(n_beads, format="csr")
-    for _ in range(exclusion_bonds):
-        reach = ((reach @ step) > 0).astype(np.float64)
-    excluded = sp.triu(reach, k=1).tocoo()
+    excluded = excluded_pairs(n_beads, bonds, exclusion_bonds)
     i, j = np.triu_indices(n_beads, k=1)
-    keep = ~np.isin(i * n_beads + j, excluded.row.astype(np.int64) * n_beads + excluded.col)
+    keep = ~np.isin(i * n_beads + j, excluded[:, 0] * n_beads + excluded[:, 1])
     return np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
 
 
