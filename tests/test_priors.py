@@ -444,6 +444,21 @@ def test_angle_fit_keeps_theta0_at_pi_for_linear_angles():
     assert prior.config()["k_kj_mol_rad2"][0] == pytest.approx(20.0, rel=0.05)
 
 
+def test_angles_closing_a_three_bead_ring_get_no_prior():
+    """A CG triangle (benzene's 3-bead map) is fixed by its bonds: angle priors there would double-count."""
+    rng = np.random.default_rng(21)
+    n = 4000
+    triangle = np.array([[0.0, 0.0, 0.0], [0.22, 0.0, 0.0], [0.11, 0.19, 0.0], [0.11, 0.45, 0.0]])
+    xyz = triangle[None] + rng.normal(0.0, 0.005, size=(n, 4, 3))
+    bonds = [[0, 1], [1, 2], [2, 0], [2, 3]]  # a ring with a tail
+    priors = fit_priors(xyz, bonds, T, terms=["bonds", "angles"])
+    assert isinstance(priors[0], HarmonicBondPrior) and priors[0].config()["bonds"] == [[0, 1], [1, 2], [2, 0], [2, 3]]
+    angle = priors[1]
+    assert sorted(map(tuple, angle.config()["angles"])) == [(0, 2, 3), (1, 2, 3)]
+    with pytest.raises(ValueError, match="no interactions for terms"):
+        fit_priors(xyz[:, :3], bonds[:3], T, terms=["angles"])
+
+
 def test_bimodal_bond_falls_back_to_moments_with_warning():
     rng = np.random.default_rng(17)
     r = np.concatenate([rng.normal(0.3, 0.02, 5000), rng.normal(0.5, 0.02, 5000)])

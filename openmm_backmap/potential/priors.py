@@ -925,7 +925,9 @@ def fit_priors(
     * **bonds**: ``J(r) = r^2``; ``w`` over the central 99.8 % of the observed lengths is fitted by a
       parabola ``k/2 (r - r0)^2 + c``, least squares weighted by the bin counts (the inverse variance of
       ``ln`` count) over populated bins.
-    * **angles**: ``J(theta) = sin(theta)``, same fit; ``theta0`` is kept in ``[0, pi]`` (if the vertex
+    * **angles**: ``J(theta) = sin(theta)``, same fit, for every angle except those closing a three-bead
+      ring (their values follow from the ring's bond lengths, so an angle prior would count the same
+      fluctuations twice); ``theta0`` is kept in ``[0, pi]`` (if the vertex
       falls outside, ``theta0`` is clipped and ``k`` refitted).
     * For bonds and angles alike: if the fitted parabola is not convex or its minimum lies more than 10 %
       of the histogram range outside it (multimodal or flat distributions), the harmonic term is taken
@@ -1010,7 +1012,7 @@ def fit_priors(
 
     interactions = {
         "bonds": bond_list,
-        "angles": angles_from_bonds(bond_list),
+        "angles": _open_angles(angles_from_bonds(bond_list), bond_list),
         "dihedrals": dihedrals_from_bonds(bond_list),
         "excluded_volume": nonbonded_pairs(n_beads, bond_list, exclusion_bonds),
     }
@@ -1064,6 +1066,19 @@ def fit_priors(
                 x0[members], k[members] = _fit_harmonic(samples, kT, _mean_sin, (0.0, math.pi), bins, what)
         priors.append(HarmonicBondPrior(atoms, x0, k) if term == "bonds" else HarmonicAnglePrior(atoms, x0, k))
     return priors
+
+
+def _open_angles(angles: np.ndarray, bonds: np.ndarray) -> np.ndarray:
+    """The angles ``(i, j, k)`` whose ends are not bonded: in a three-bead ring the angles are functions of
+    the three bond lengths, and Boltzmann-inverted angle priors on top of the bond priors would count the
+    same fluctuations twice (the CG triangle comes out too stiff)."""
+    if not len(angles) or not len(bonds):
+        return angles
+    n = int(max(angles.max(), bonds.max())) + 1
+    lo, hi = np.minimum(bonds[:, 0], bonds[:, 1]), np.maximum(bonds[:, 0], bonds[:, 1])
+    closing = np.isin(np.minimum(angles[:, 0], angles[:, 2]) * n + np.maximum(angles[:, 0], angles[:, 2]),
+                      lo * n + hi)
+    return angles[~closing]
 
 
 def _temperature(value: Any) -> float:
