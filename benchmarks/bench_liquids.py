@@ -54,7 +54,7 @@ SMALL_NET = {"hidden": 32, "n_interactions": 2, "n_rbf": 16}
 #: it sits inside the first neighbour shell and the prior fights the data (force MSE 100x worse).
 WALL: dict = {}
 CASES = {
-    "benzene": [("1-bead", "molecule", 8.0, {0.1: 500.0, 0.0: 100.0}, {**SMALL_NET, "cutoff_nm": 0.8},
+    "benzene": [("1-bead", "molecule", 8.0, {0.1: 1000.0, 0.0: 1000.0}, {**SMALL_NET, "cutoff_nm": 0.8},
                  {"cutoff_nm": 1.0, **WALL}),
                 ("3-bead", "benzene-3bead", 4.0, {0.01: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
                  {"cutoff_nm": 0.6, **WALL})],

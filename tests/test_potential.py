@@ -209,3 +209,36 @@ def test_md_path_equals_autograd_of_forward(ala2_cg, trained):
     torch.testing.assert_close(md_forces.detach(), -grad, rtol=1e-10, atol=1e-9)
     scripted = torch.jit.script(potential)
     torch.testing.assert_close(scripted.md_energy_and_forces(x.detach())[1].detach(), -grad, rtol=1e-10, atol=1e-9)
+
+
+def test_network_basis_starts_at_the_closest_approach_in_training_data(ala2_cg, trained):
+    """Default ``rbf_min_nm``: the closest bead pair of the training frames, so the network is flat below it."""
+    mapping, cg = ala2_cg
+    potential, trainer, _ = trained
+    train = trainer._load()[0]["train"]["positions"]
+    i, j = np.triu_indices(train.shape[1], k=1)
+    closest = np.linalg.norm(train[:, i] - train[:, j], axis=-1).min()
+    assert potential.metadata["network"]["rbf_min_nm"] == pytest.approx(np.floor(closest * 100) / 100)
+    assert potential.networks[0].rbf_min == potential.metadata["network"]["rbf_min_nm"] > 0.1
+    explicit = ForceMatchingTrainer(mapping, cg, network={**trainer.network, "rbf_min_nm": 0.0}, max_epochs=1,
+                                    batch_size=64, progress=False)
+    assert explicit.network["rbf_min_nm"] == 0.0  # an explicit value is kept
+
+
+def test_network_exerts_no_force_below_its_basis():
+    """Two beads: the SchNet energy is flat (zero force) well below ``rbf_min_nm`` and not flat above it."""
+    from openmm_backmap.potential.schnet import SchNet
+
+    torch.manual_seed(3)
+    net = SchNet([0, 0], hidden=16, n_rbf=12, cutoff_nm=0.8, n_interactions=2, rbf_min_nm=0.35).double()
+    spacing = (0.8 - 0.35) / 11
+
+    def force(r):
+        x = torch.tensor([[[0.0, 0.0, 0.0], [r, 0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+        net(x).sum().backward()
+        return abs(float(x.grad[0, 1, 0]))
+
+    above = max(force(r) for r in np.linspace(0.4, 0.6, 9))
+    below = max(force(r) for r in np.linspace(0.05, 0.35 - 5 * spacing, 9))
+    assert above > 1e-3
+    assert below < 1e-3 * above

@@ -207,9 +207,12 @@ def test_energy_and_forces_vanish_smoothly_at_the_cutoff():
     assert float(energy - isolated) == 0 and forces.abs().max() == 0
 
 
-@pytest.mark.parametrize("activation", ["ssp", "silu", "tanh"])
-def test_forces_match_finite_differences_and_analytic_path(activation):
-    model = _model(activation=activation, exclusions=[[0, 1]])
+@pytest.mark.parametrize("activation,rbf_min", [("ssp", 0.0), ("silu", 0.0), ("tanh", 0.0), ("ssp", 0.45)])
+def test_forces_match_finite_differences_and_analytic_path(activation, rbf_min):
+    model = _model(activation=activation, exclusions=[[0, 1]], rbf_min_nm=rbf_min)
+    if rbf_min:  # some pairs inside the inner switch, some below it
+        r = model._graph(_positions(n_batch=2) + torch.tensor(TRICLINIC[0] * 0.5), None)[3]
+        assert bool(((r > model.inner_start) & (r < rbf_min)).any()) and bool((r < model.inner_start).any())
     box = torch.tensor(TRICLINIC)
     x = _positions(n_batch=2) + torch.tensor(TRICLINIC[0] * 0.5)  # some pairs across the boundary
     for cell in (None, box):
@@ -227,7 +230,7 @@ def test_forces_match_finite_differences_and_analytic_path(activation):
 
 
 def test_scripted_matches_eager_and_config_rebuilds():
-    model = _model(exclusions=[[2, 3]], activation="silu", n_interactions=2)
+    model = _model(exclusions=[[2, 3]], activation="silu", n_interactions=2, rbf_min_nm=0.2)
     x, box = _positions(), torch.tensor(TRICLINIC)
     scripted = torch.jit.script(model)
     for cell in (None, box):

@@ -5,7 +5,11 @@ in seed 004: bead-type embeddings are refined by ``n_interactions`` continuous-f
 the pairs within the cutoff, an output MLP turns each bead's features into an energy, and the energies of
 a configuration are summed.  Filters are built from a Gaussian radial basis of the pair distance and
 multiplied by the envelope ``(cos(pi r / r_c) + 1) / 2``, which takes the energy and its first derivative
-(the forces) smoothly to zero at the cutoff ``r_c``.
+(the forces) smoothly to zero at the cutoff ``r_c``.  With ``rbf_min_nm > 0`` the envelope is also switched
+on smoothly between ``rbf_min_nm - w`` and ``rbf_min_nm`` (``w``: the basis spacing), so bead pairs closer
+than ``rbf_min_nm - w`` exchange no messages: the network exerts no force on them, and priors alone act
+there.  Set ``rbf_min_nm`` to the closest approach in the training data (the trainer's default) so the
+network cannot extrapolate to distances it has never seen.
 
 By construction the energy is invariant to translations and rotations (it sees distances only), to
 periodic images (minimum-image distances, see :mod:`.neighbors`) and to permutations of beads of the same
@@ -155,8 +159,9 @@ class SchNet(torch.nn.Module):
     n_interactions
         Number of interaction blocks (message-passing steps).
     rbf_min_nm
-        Centre of the first radial basis function in nm (raise it to spend no resolution on distances
-        that never occur, e.g. below the excluded volume).
+        Centre of the first radial basis function in nm.  Above 0, pairs closer than ``rbf_min_nm`` minus
+        one basis spacing do not interact through the network (see the module docstring): set it to the
+        closest approach of two beads in the training data.
     activation
         ``"ssp"`` (shifted softplus, as SchNet), ``"silu"`` or ``"tanh"``.
     exclusions
@@ -219,6 +224,10 @@ class SchNet(torch.nn.Module):
         self.rbf_coefficient = -0.5 / spacing ** 2
         # (cos(pi r / r_c) + 1) / 2 = cos(pi r / (2 r_c))^2
         self.envelope_scale = 0.5 * math.pi / self.cutoff
+        # inner switch (1 - cos(pi t)) / 2, t = (r - r_on) / w clipped to [0, 1], for rbf_min > 0 only
+        self.inner_width = min(spacing, self.rbf_min) if self.rbf_min > 0.0 else 1.0
+        self.inner_start = self.rbf_min - self.inner_width
+        self.inner_switch = self.rbf_min > 0.0
 
         self.embedding = torch.nn.Embedding(n_types, self.hidden)
         # Filter networks of all interactions: one Linear to n_interactions * hidden, then one batched
@@ -327,7 +336,7 @@ class SchNet(torch.nn.Module):
             grad_hidden = torch.bmm(grad_raw, self.filter_weight.transpose(1, 2)).transpose(0, 1)
             grad_hidden = grad_hidden.reshape(n_pairs, self.n_interactions * self.hidden)
             grad_rbf = (grad_hidden * self.filter_act.derivative(z_filter)) @ self.filter_in.weight
-            envelope_slope = -self.envelope_scale * torch.sin(2.0 * self.envelope_scale * r)
+            envelope_slope = self._envelope_slope(r)
             grad_r = ((grad_rbf * rbf * centred).sum(-1, keepdim=True) * (2.0 * self.rbf_coefficient)
                       + (grad_enveloped * raw).sum((0, 2)).unsqueeze(-1) * envelope_slope)
             # dE/dr_j = -dE/dr_i; zero for coincident beads, as autograd through the norm
@@ -357,8 +366,23 @@ class SchNet(torch.nn.Module):
         return torch.exp(self.rbf_coefficient * centred ** 2), centred
 
     def _envelope(self, r: torch.Tensor) -> torch.Tensor:
-        """Cutoff envelope ``cos(pi r / (2 r_c))^2`` of distances ``r (P, 1)`` below the cutoff."""
-        return torch.cos(r * self.envelope_scale) ** 2
+        """Envelope of distances ``r (P, 1)`` below the cutoff: ``cos(pi r / (2 r_c))^2``, times the inner
+        switch when ``rbf_min_nm > 0``."""
+        outer = torch.cos(r * self.envelope_scale) ** 2
+        if not self.inner_switch:
+            return outer
+        t = ((r - self.inner_start) / self.inner_width).clamp(0.0, 1.0)
+        return outer * (0.5 - 0.5 * torch.cos(math.pi * t))
+
+    def _envelope_slope(self, r: torch.Tensor) -> torch.Tensor:
+        """Derivative of :meth:`_envelope` with respect to ``r``."""
+        outer_slope = -self.envelope_scale * torch.sin(2.0 * self.envelope_scale * r)
+        if not self.inner_switch:
+            return outer_slope
+        t = ((r - self.inner_start) / self.inner_width).clamp(0.0, 1.0)
+        inner = 0.5 - 0.5 * torch.cos(math.pi * t)
+        inner_slope = (0.5 * math.pi / self.inner_width) * torch.sin(math.pi * t)
+        return outer_slope * inner + torch.cos(r * self.envelope_scale) ** 2 * inner_slope
 
     def _filter_net(self, rbf: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Filters ``(n_interactions, P, hidden)`` of all interactions before the envelope, and the first

@@ -24,6 +24,7 @@ import torch
 from .._training import save_checkpoint, write_log
 from .model import CGPotential
 from .priors import fit_priors
+from .neighbors import neighbor_pairs
 from .schnet import SchNet
 from .transfer import describe_units
 
@@ -43,8 +44,14 @@ class ForceMatchingTrainer:
     dataset
         A :class:`~openmm_backmap.data.CGDataset` or its path (from :func:`~openmm_backmap.mapping.map_dataset`).
     network
-        SchNet hyperparameters (``hidden``, ``n_rbf``, ``cutoff_nm``, ``n_interactions``; missing keys take
-        :data:`DEFAULT_NETWORK`), or ``None`` for a priors-only model.
+        SchNet hyperparameters (``hidden``, ``n_rbf``, ``cutoff_nm``, ``n_interactions``, ``rbf_min_nm``, ...;
+        missing keys take :data:`DEFAULT_NETWORK`), or ``None`` for a priors-only model.  Without
+        ``rbf_min_nm`` the first radial basis function is put at the closest approach of two beads in the
+        training frames (rounded down to 0.01 nm): below it the network's filters fade to constants, so the
+        network exerts no force on bead pairs closer than any it was trained on and the excluded-volume prior
+        alone governs there.  An unrestricted network extrapolates into that region, and in liquids it tends
+        to extrapolate attractively: the one-bead benzene model of seed 004 collapsed that way in our
+        benchmarks (docs/liquids.md).  Pass ``rbf_min_nm=0.0`` for the plain SchNet basis.
     priors
         Options of the Boltzmann-inversion prior fit.
     energy_weight
@@ -167,9 +174,14 @@ class ForceMatchingTrainer:
                                  **self.priors)
         terms = list(prior_terms)
         if self.network is not None:
+            network = dict(self.network)
+            if "rbf_min_nm" not in network:
+                closest = closest_approach_nm(train["positions"], train["box"], float(network["cutoff_nm"]),
+                                              network.get("exclusions"))
+                network["rbf_min_nm"] = math.floor(closest * 100.0) / 100.0
             torch.manual_seed(self.seed)
             type_names = sorted(set(types))
-            net = SchNet(n_types=len(type_names), bead_types=[type_names.index(t) for t in types], **self.network)
+            net = SchNet(n_types=len(type_names), bead_types=[type_names.index(t) for t in types], **network)
             last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
             torch.nn.init.zeros_(last.weight)  # start exactly at the priors-only model
             if last.bias is not None:
@@ -283,7 +295,9 @@ class ForceMatchingTrainer:
         test_force = self._evaluate(potential, data["test"], energy_mean)[0]
         potential.metadata.update({
             "trained_on": source, "temperature_K": temperature, "frames": {k: len(v["frames"]) for k, v in data.items()},
-            "energy_weight": self.energy_weight, "network": self.network, "priors": self.priors,
+            "energy_weight": self.energy_weight, "priors": self.priors,
+            "network": None if self.network is None else {
+                k: v for k, v in potential.networks[0].config().items() if k not in ("bead_types", "exclusions")},
             "epochs": len(self.history), "val_force_mse": best, "test_force_mse": test_force,
             "priors_only_val_force_mse": prior_val, "energy_mean_kj_mol": energy_mean,
         })
@@ -294,6 +308,35 @@ class ForceMatchingTrainer:
 
     def _save_checkpoint(self, potential, optimizer, scheduler, best_state, best, stale, epoch) -> None:
         save_checkpoint(self.checkpoint, potential, optimizer, scheduler, best_state, best, stale, epoch, self.history)
+
+
+def closest_approach_nm(positions: Any, box: Any, cutoff_nm: float, exclusions: Any = None,
+                        chunk: int = 64) -> float:
+    """Smallest distance in nm between two beads of any frame (minimum image; pairs in ``exclusions`` left
+    out), or ``0.0`` if no pair comes closer than ``cutoff_nm``.
+
+    Parameters
+    ----------
+    positions
+        ``(F, n_beads, 3)`` positions in nm.
+    box
+        ``(F, 3, 3)`` box vectors in nm, or ``None``.
+    cutoff_nm
+        Only pairs closer than this are searched.
+    exclusions
+        ``(E, 2)`` bead index pairs to leave out, or ``None``.
+    """
+    x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+    b = None if box is None else torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 3, 3)
+    ex = None if exclusions is None or len(exclusions) == 0 else torch.as_tensor(np.asarray(exclusions), dtype=torch.long)
+    closest = math.inf
+    for start in range(0, len(x), chunk):
+        frames = x[start:start + chunk]
+        boxes = None if b is None else (b if len(b) == 1 else b[start:start + chunk])
+        distance = neighbor_pairs(frames, cutoff_nm, boxes, ex)[4]
+        if distance.numel():
+            closest = min(closest, float(distance.min()))
+    return 0.0 if not math.isfinite(closest) else closest
 
 
 def _split(n: int, fractions: Sequence[float], n_blocks: int, seed: int):
