@@ -211,14 +211,31 @@ def test_md_path_equals_autograd_of_forward(ala2_cg, trained):
     torch.testing.assert_close(scripted.md_energy_and_forces(x.detach())[1].detach(), -grad, rtol=1e-10, atol=1e-9)
 
 
-def test_network_basis_starts_at_the_closest_approach_in_training_data(ala2_cg, trained):
-    """Default ``rbf_min_nm``: the closest bead pair of the training frames, so the network is flat below it."""
+def test_network_basis_starts_at_a_low_quantile_of_the_training_pair_distances(ala2_cg, trained):
+    """Default ``rbf_min_nm``: the 0.1 % quantile of the bead-pair distances (within the network cutoff) of the
+    training frames, so the network is flat where the data are too sparse to constrain it."""
+    from openmm_backmap.potential.trainer import NETWORK_BASIS_QUANTILE, pair_distance_quantile_nm
+
     mapping, cg = ala2_cg
     potential, trainer, _ = trained
     train = trainer._load()[0]["train"]["positions"]
     i, j = np.triu_indices(train.shape[1], k=1)
-    closest = np.linalg.norm(train[:, i] - train[:, j], axis=-1).min()
-    assert potential.metadata["network"]["rbf_min_nm"] == pytest.approx(np.floor(closest * 100) / 100)
+    d = np.linalg.norm(train[:, i] - train[:, j], axis=-1).ravel()
+    d = d[d < trainer.network["cutoff_nm"]]
+    expected = np.quantile(d, NETWORK_BASIS_QUANTILE, method="inverted_cdf")  # the ceil(qN)-th smallest
+    assert pair_distance_quantile_nm(train, None, trainer.network["cutoff_nm"], NETWORK_BASIS_QUANTILE) == \
+        pytest.approx(expected, abs=1e-12)
+    assert pair_distance_quantile_nm(train, None, trainer.network["cutoff_nm"], 0.0) == pytest.approx(d.min())
+    assert expected > d.min()
+    # large data: evenly strided frames keep about max_distances distances
+    cut = trainer.network["cutoff_nm"]
+    stride = int(np.ceil(len(d) / (len(d) // 3)))
+    sub = np.linalg.norm(train[::stride, i] - train[::stride, j], axis=-1).ravel()
+    assert pair_distance_quantile_nm(train, None, cut, 0.5, max_distances=len(d) // 3) == pytest.approx(
+        np.quantile(sub[sub < cut], 0.5, method="inverted_cdf"), abs=1e-12)
+    with pytest.raises(ValueError, match="quantile"):
+        pair_distance_quantile_nm(train, None, cut, 1.0)
+    assert potential.metadata["network"]["rbf_min_nm"] == pytest.approx(np.floor(expected * 100) / 100)
     assert potential.networks[0].rbf_min == potential.metadata["network"]["rbf_min_nm"] > 0.1
     explicit = ForceMatchingTrainer(mapping, cg, network={**trainer.network, "rbf_min_nm": 0.0}, max_epochs=1,
                                     batch_size=64, progress=False)

@@ -32,6 +32,11 @@ from .transfer import describe_units
 DEFAULT_NETWORK = {"hidden": 64, "n_rbf": 32, "cutoff_nm": 0.8, "n_interactions": 3}
 #: Default prior-fitting options (see :func:`openmm_backmap.potential.priors.fit_priors`).
 DEFAULT_PRIORS = {"n_fourier": 3, "exclusion_bonds": 2, "exponent": 12}
+#: Default start of the network's radial basis: this quantile of the bead-pair distances within its cutoff in
+#: the training frames.  In the 300-molecule benzene box (1 bead per molecule, 1000 frames) that is 0.40 nm,
+#: about two thousand pair samples below it; the single closest approach (0.35 nm) left the network free where
+#: it had seen almost no data, and it built a spurious well there.
+NETWORK_BASIS_QUANTILE = 1e-3
 
 
 class ForceMatchingTrainer:
@@ -46,12 +51,15 @@ class ForceMatchingTrainer:
     network
         SchNet hyperparameters (``hidden``, ``n_rbf``, ``cutoff_nm``, ``n_interactions``, ``rbf_min_nm``, ...;
         missing keys take :data:`DEFAULT_NETWORK`), or ``None`` for a priors-only model.  Without
-        ``rbf_min_nm`` the first radial basis function is put at the closest approach of two beads in the
-        training frames (rounded down to 0.01 nm): below it the network's filters fade to constants, so the
-        network exerts no force on bead pairs closer than any it was trained on and the excluded-volume prior
-        alone governs there.  An unrestricted network extrapolates into that region, and in liquids it tends
-        to extrapolate attractively: the one-bead benzene model of seed 004 collapsed that way in our
-        benchmarks (docs/liquids.md).  Pass ``rbf_min_nm=0.0`` for the plain SchNet basis.
+        ``rbf_min_nm`` the first radial basis function is put at the :data:`NETWORK_BASIS_QUANTILE` quantile
+        of the bead-pair distances within the network's cutoff in the training frames (rounded down to
+        0.01 nm): below it the network's filters fade to constants, so the network exerts no force on bead
+        pairs closer than the data constrain it and the excluded-volume prior alone governs there.  An
+        unrestricted network extrapolates into that region, and in liquids it tends to extrapolate
+        attractively (it learns to cancel part of the prior's wall where there are data and carries that on
+        where there are none): the one-bead benzene model of seed 004 collapsed that way in our benchmarks,
+        and with the basis at the single closest approach it still built a well just above it
+        (docs/liquids.md).  Pass ``rbf_min_nm=0.0`` for the plain SchNet basis.
     priors
         Options of the Boltzmann-inversion prior fit.
     energy_weight
@@ -176,9 +184,9 @@ class ForceMatchingTrainer:
         if self.network is not None:
             network = dict(self.network)
             if "rbf_min_nm" not in network:
-                closest = closest_approach_nm(train["positions"], train["box"], float(network["cutoff_nm"]),
-                                              network.get("exclusions"))
-                network["rbf_min_nm"] = math.floor(closest * 100.0) / 100.0
+                start = pair_distance_quantile_nm(train["positions"], train["box"], float(network["cutoff_nm"]),
+                                                  NETWORK_BASIS_QUANTILE, network.get("exclusions"))
+                network["rbf_min_nm"] = math.floor(start * 100.0) / 100.0
             torch.manual_seed(self.seed)
             type_names = sorted(set(types))
             net = SchNet(n_types=len(type_names), bead_types=[type_names.index(t) for t in types], **network)
@@ -310,10 +318,10 @@ class ForceMatchingTrainer:
         save_checkpoint(self.checkpoint, potential, optimizer, scheduler, best_state, best, stale, epoch, self.history)
 
 
-def closest_approach_nm(positions: Any, box: Any, cutoff_nm: float, exclusions: Any = None,
-                        chunk: int = 64) -> float:
-    """Smallest distance in nm between two beads of any frame (minimum image; pairs in ``exclusions`` left
-    out), or ``0.0`` if no pair comes closer than ``cutoff_nm``.
+def pair_distance_quantile_nm(positions: Any, box: Any, cutoff_nm: float, quantile: float, exclusions: Any = None,
+                              max_distances: int = 4_000_000, chunk: int = 64) -> float:
+    """The ``quantile`` of the distances in nm between beads closer than ``cutoff_nm`` (minimum image; pairs in
+    ``exclusions`` left out): the ``ceil(q N)``-th smallest of the ``N`` distances, ``0.0`` if there are none.
 
     Parameters
     ----------
@@ -322,21 +330,37 @@ def closest_approach_nm(positions: Any, box: Any, cutoff_nm: float, exclusions: 
     box
         ``(F, 3, 3)`` box vectors in nm, or ``None``.
     cutoff_nm
-        Only pairs closer than this are searched.
+        Only pairs closer than this count.
+    quantile
+        In ``[0, 1)``; ``0`` gives the closest approach.
     exclusions
         ``(E, 2)`` bead index pairs to leave out, or ``None``.
+    max_distances
+        Frames are taken evenly strided so that about this many distances are kept (all frames if fewer).
     """
+    if not 0.0 <= quantile < 1.0:
+        raise ValueError(f"quantile must lie in [0, 1); got {quantile}")
     x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
     b = None if box is None else torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 3, 3)
     ex = None if exclusions is None or len(exclusions) == 0 else torch.as_tensor(np.asarray(exclusions), dtype=torch.long)
-    closest = math.inf
-    for start in range(0, len(x), chunk):
-        frames = x[start:start + chunk]
-        boxes = None if b is None else (b if len(b) == 1 else b[start:start + chunk])
-        distance = neighbor_pairs(frames, cutoff_nm, boxes, ex)[4]
-        if distance.numel():
-            closest = min(closest, float(distance.min()))
-    return 0.0 if not math.isfinite(closest) else closest
+
+    def distances(index):
+        frames = x[index]
+        boxes = None if b is None else (b if len(b) == 1 else b[index])
+        return neighbor_pairs(frames, cutoff_nm, boxes, ex)[4].numpy()
+
+    first = distances(slice(0, min(chunk, len(x))))
+    per_frame = max(len(first) / min(chunk, len(x)), 1.0)
+    stride = max(1, math.ceil(len(x) * per_frame / max_distances))
+    kept = [first] if stride == 1 else []
+    frames = np.arange(chunk if stride == 1 else 0, len(x), stride)
+    for start in range(0, len(frames), chunk):
+        kept.append(distances(torch.as_tensor(frames[start:start + chunk])))
+    d = np.concatenate(kept)
+    if len(d) == 0:
+        return 0.0
+    k = max(1, math.ceil(quantile * len(d)))
+    return float(np.partition(d, k - 1)[k - 1])
 
 
 def _split(n: int, fractions: Sequence[float], n_blocks: int, seed: int):
