@@ -445,15 +445,17 @@ def markdown(all_results: dict) -> str:
         cg = res.get("cg", {})
         if cg:
             lines += [f"### {name}: CG potentials (TorchForce, Langevin 300 K)", "",
-                      "| model | ps run | blow-up | ⟨T⟩ (K) | T drift (K) | COM g(r) L1 (nm, ≤ 0.05) | "
+                      "| model | ps run | blow-up | ⟨T⟩ (K) | T drift (K) | energy drift (σ) | COM g(r) L1 (nm, ≤ 0.05) | "
                       "bond / angle JSD max (≤ 0.02) | ns/day | val. force MSE: model / priors only |",
-                      "|---|---|---|---|---|---|---|---|---|"]
-            for key, row in cg.items():
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            # current recipe first, then the rows of earlier recipes (kept to show what changed and why)
+            for key, row in sorted(cg.items(), key=lambda kv: ("network basis" in kv[0], kv[0])):
                 bj = (f"{row.get('bond_jsd_max', float('nan')):.3f} / {row.get('angle_jsd_max', float('nan')):.3f}"
                       if "bond_jsd_max" in row else "–")
-                lines.append(f"| {key} | {row['ps']:.0f} | {'no' if row['blow_up'] is None else 'YES: ' + row['blow_up'][:50]} "
+                lines.append(f"| {key} | {row['ps']:.0f} | {_blow_up(row['blow_up'])} "
                              f"| {row.get('temperature_mean_K', float('nan')):.1f} | "
                              f"{row.get('temperature_drift_K', float('nan')):+.1f} | "
+                             f"{row.get('energy_drift_sigma', float('nan')):+.1f} | "
                              f"{row.get('com_rdf_l1_nm', float('nan')):.3f} | {bj} | {row['ns_per_day']:.1f} | "
                              f"{row.get('val_force_mse') or float('nan'):.4g} / "
                              f"{row.get('priors_only_val_force_mse') or float('nan'):.4g} |")
@@ -464,14 +466,18 @@ def markdown(all_results: dict) -> str:
                     st = {**st, "vs_small_box_l1_nm": transfer_l1}
                 if st:
                     lines.append(f"| ↳ transferred to {st['molecules']} molecules (2×2×2) | {st['ps']:.0f} | "
-                                 f"{'no' if st['blow_up'] is None else 'YES'} | "
+                                 f"{_blow_up(st['blow_up'])} | "
                                  f"{st.get('temperature_mean_K', float('nan')):.1f} | "
                                  f"{st.get('temperature_drift_K', float('nan')):+.1f} | "
+                                 f"{st.get('energy_drift_sigma', float('nan')):+.1f} | "
                                  f"{st.get('com_rdf_l1_nm', float('nan')):.3f} (vs the small box's CG g(r): "
                                  f"{st.get('vs_small_box_l1_nm', float('nan')):.3f}) | – | {st['ns_per_day']:.1f} | |")
             lines.append("\nRuns start from the last AA frame mapped to CG; the CG time step is 8 fs (1 bead) or 4 fs "
                          "(3 beads); g(r) and distributions use the frames after the first 20 % (before a blow-up, "
-                         "if any). Force MSE in (kJ/mol/nm)², on held-out frames.\n")
+                         "if any). Energy drift: mean potential energy of the last 10 % of the run minus that of the "
+                         "first 10 %, in standard deviations of the whole trace. Force MSE in (kJ/mol/nm)², on "
+                         "held-out frames. Rows naming a network basis are earlier recipes (the default basis now "
+                         "starts at the 0.1 % quantile of the training pair distances). Plot: `liquids_cg.png`.\n")
         bm = res.get("backmap", {})
         for label, rows in bm.items():
             lines += [f"### {name} {label}: backmapping held-out frames (lag {rows['lag_ps']:g} ps, "
@@ -501,6 +507,61 @@ def markdown(all_results: dict) -> str:
                              f"{val['ratio']:.0f}×")
         lines.append("")
     return "\n".join(lines)
+
+
+def _blow_up(text) -> str:
+    if text is None:
+        return "no"
+    import re
+
+    step = re.search(r"step (\d+)", text)
+    return f"YES (step {step.group(1)})" if step else "YES"
+
+
+def plot(all_results: dict, path: Path) -> None:
+    """COM g(r) of every CG model against the mapped AA reference (one panel per liquid), and the potential-energy
+    traces of the runs (a slow slide is a drift the temperature does not show)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, res in all_results.items() if res.get("cg")]
+    if not names:
+        return
+    fig, axes = plt.subplots(3, len(names), figsize=(5.2 * len(names), 10.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.2, 3]})
+    for col, name in enumerate(names):
+        ax, key_ax, tx = axes[0, col], axes[1, col], axes[2, col]
+        rows = sorted(all_results[name]["cg"].items(), key=lambda kv: ("network basis" in kv[0], kv[0]))
+        ref_drawn = False
+        for key, row in rows:
+            g = row.get("com_rdf")
+            if g is None:
+                continue
+            r = np.asarray(g["r_nm"])
+            if not ref_drawn:
+                ax.plot(r, g["reference"], "k-", lw=2.2, label="AA reference (mapped)")
+                ref_drawn = True
+            style = "--" if "network basis" in key else "-"
+            line, = ax.plot(r, g["cg"], style, lw=1.2, label=f"{key} (L1 {row['com_rdf_l1_nm']:.3f} nm)")
+            st = row.get("size_transfer") or {}
+            if "com_rdf" in st:
+                ax.plot(r, st["com_rdf"]["cg"], ":", color=line.get_color(), lw=1.2,
+                        label=f"  ↳ {st['molecules']} molecules (L1 {st['com_rdf_l1_nm']:.3f} nm)")
+            e = np.asarray(row.get("energy_trace_kj_mol", []))
+            if len(e):
+                t_ps = np.linspace(row["ps"] / len(e), row["ps"], len(e))
+                tx.plot(t_ps, e - e[0], style, color=line.get_color(), lw=1.0,
+                        label=key + (" (blew up)" if row["blow_up"] else ""))
+        ax.set(title=f"{name}: CG centre-of-mass g(r)", xlabel="r (nm)", ylabel="g(r)", xlim=(0.25, 1.2))
+        key_ax.axis("off")  # the legend below the g(r) panel: the panel itself has no free corner
+        key_ax.legend(*ax.get_legend_handles_labels(), fontsize=6.5, loc="center", frameon=False)
+        tx.set(title=f"{name}: potential energy of the CG runs", xlabel="t (ps)", ylabel="U(t) − U(0) (kJ/mol)")
+        tx.legend(fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _lj_shift(m: dict) -> str:
@@ -536,7 +597,14 @@ def main() -> None:
     parser.add_argument("--maps", help="only these maps, e.g. 1-bead (default: all of the liquid)")
     parser.add_argument("--weights", help="only these energy weights, e.g. 1,0 (default: the case's)")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke test of the pipeline)")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite liquids.md and liquids_cg.png from the recorded liquids.json")
     args = parser.parse_args()
+    if args.report:
+        recorded = json.loads((RESULTS / "liquids.json").read_text())
+        save("liquids", {k: recorded[k] for k in ("settings", "results")}, markdown(recorded["results"]))
+        plot(recorded["results"], RESULTS / "liquids_cg.png")
+        return
     if args.quick:
         args.cg_epochs, args.cg_ps, args.transfer_ps, args.bm_epochs, args.test_frames = 2, 5.0, 2.0, 2, 20
         args.speed_steps = 40
@@ -563,6 +631,7 @@ def main() -> None:
             settings = recorded.get("settings", {})
             settings[f"{name}/{section}"] = dict(vars(args))
             save("liquids", {"settings": settings, "results": all_results}, markdown(all_results))
+            plot(all_results, RESULTS / "liquids_cg.png")
 
 
 if __name__ == "__main__":
