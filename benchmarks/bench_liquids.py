@@ -323,6 +323,7 @@ def section_backmap(name: str, args) -> dict:
                 mapping, path, energy=None, stride=args.stride, lag_frames=1, max_frames=n_train // args.stride,
                 architecture={"hidden": 256, "latent_dim": 16, "condition_on_previous": previous,
                               "environment_cutoff_nm": 0.6}, batch_size=4, max_epochs=args.bm_epochs, patience=5,
+                rollout_steps=args.bm_rollout if previous else 0,
                 n_blocks=5, library_size=500, seed=0, log=WORK / f"backmapper_{name}_{label}_{kind}.csv",
                 progress=False)
             models[kind] = trainer.fit()
@@ -590,6 +591,8 @@ def main() -> None:
                         help="frames (evenly strided) to train multi-bead potentials on (their steps cost more)")
     parser.add_argument("--transfer-ps", type=float, default=50.0)
     parser.add_argument("--bm-epochs", type=int, default=15)
+    parser.add_argument("--bm-rollout", type=int, default=0,
+                        help="rollout steps when training the temporal backmapper (its own output fed back)")
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--test-frames", type=int, default=200)
     parser.add_argument("--speed-steps", type=int, default=400)
