@@ -397,7 +397,10 @@ def energy_distribution(
     reference_kj_mol, predicted_kj_mol
         Energy samples in kJ/mol.
     bins
-        Histogram bins on the joint 0.1–99.9 percentile range (see :func:`histogram_jsd`).
+        Histogram bins on the reference's 0.1–99.9 percentile range, widened by half its width on each side.
+        Samples outside it are counted in the edge bins: predicted energies far above anything in the
+        reference (overlapping atoms) count fully against the match, instead of being dropped or, with a range
+        taken from both samples, stretching the bins until every sample shares the first one.
 
     Returns
     -------
@@ -411,8 +414,12 @@ def energy_distribution(
         raise ValueError("need at least one energy in each sample")
     if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(pred))):
         raise ValueError("energies must be finite")
+    lo, hi = np.percentile(ref, [0.1, 99.9])
+    pad = 0.5 * (hi - lo) if hi > lo else max(1.0, 1e-3 * abs(hi))
+    lo, hi = lo - pad, hi + pad
+    inside = np.nextafter(hi, lo)  # np.histogram's last bin is closed: clip just below its right edge
     return {
-        "jsd": histogram_jsd(ref, pred, bins=bins),
+        "jsd": histogram_jsd(np.clip(ref, lo, inside), np.clip(pred, lo, inside), bins=bins, range=(lo, hi)),
         "mean_shift_kj_mol": float(pred.mean() - ref.mean()),
         "reference_mean_kj_mol": float(ref.mean()),
         "predicted_mean_kj_mol": float(pred.mean()),

@@ -119,6 +119,23 @@ def test_energy_distribution_detects_shift():
     assert 0.3 < shifted["jsd"] < np.log(2)
 
 
+def test_energy_distribution_counts_far_outliers_against_the_match():
+    """Half the predicted frames with overlapping atoms (energies spread over many orders of magnitude): half the
+    predicted mass lies where the reference has none, so the JSD is that of [1, 0] vs [0.5, 0.5] (0.216 nats),
+    however far the outliers go.  (Bins on a range taken from both samples gave 0.025 here.)"""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(-300.0, 10.0, 20_000)
+    outliers = 10.0 ** rng.uniform(2, 16, 10_000)
+    pred = np.concatenate([rng.normal(-300.0, 10.0, 10_000), outliers])
+    p, q = np.array([1.0, 0.0]), np.array([0.5, 0.5])
+    m = 0.5 * (p + q)
+    two_bin = 0.5 * np.sum(p[p > 0] * np.log(p[p > 0] / m[p > 0])) + 0.5 * np.sum(q * np.log(q / m))
+    jsd = metrics.energy_distribution(ref, pred)["jsd"]
+    assert jsd == pytest.approx(two_bin, abs=0.02)
+    assert metrics.energy_distribution(ref, np.concatenate([pred[:10_000], -outliers]))["jsd"] == pytest.approx(
+        two_bin, abs=0.02)  # below the reference too
+
+
 # --- internal coordinates --------------------------------------------------------------------------
 
 
