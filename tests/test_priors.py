@@ -17,6 +17,7 @@ from openmm_backmap.potential.priors import (
     ExcludedVolumePrior,
     FourierDihedralPrior,
     HarmonicAnglePrior,
+    CosineAnglePrior,
     HarmonicBondPrior,
     _dihedrals,
     angles_from_bonds,
@@ -50,6 +51,8 @@ def _priors() -> dict:
     return {
         "bond": HarmonicBondPrior(CHAIN, [0.35, 0.38, 0.40, 0.36, 0.39], [3000.0, 2500.0, 1000.0, 4000.0, 500.0]),
         "angle": HarmonicAnglePrior(angles, [1.9, 2.1, 1.7, 2.5], [40.0, 80.0, 20.0, 60.0]),
+        "angle_cosine": CosineAnglePrior(angles, [[3.0, -4.0, 2.5, 1.0], [0.5, 6.0, -1.0, 0.3],
+                                                 [-2.0, 1.5, 3.5, -2.5], [1.0, -3.0, -2.0, 4.0]]),
         "dihedral": FourierDihedralPrior(dihedrals, [[1.2, -0.5, 0.3], [0.4, 0.9, -0.2], [-1.0, 0.1, 0.6]],
                                          [[0.2, 0.0, -0.7], [-0.3, 0.5, 0.1], [0.8, -0.4, 0.0]]),
         "excluded": ExcludedVolumePrior(n_beads=6, bonds=CHAIN, sigma_nm=[0.30, 0.35, 0.32, 0.28, 0.4, 0.45],
@@ -60,7 +63,7 @@ def _priors() -> dict:
     }
 
 
-PRIOR_NAMES = ["bond", "angle", "dihedral", "excluded", "excluded_typed"]
+PRIOR_NAMES = ["bond", "angle", "angle_cosine", "dihedral", "excluded", "excluded_typed"]
 
 
 def _energy(prior, xyz: np.ndarray, box=None, dtype=torch.float64) -> np.ndarray:
@@ -357,7 +360,7 @@ def test_md_energy_and_forces_equals_autograd_of_the_model(box, variant, monkeyp
 
     if variant == "index_add":
         monkeypatch.setattr(priors_module, "DENSE_SCATTER_MAX", 0)
-    terms = [_priors()[n] for n in ["bond", "angle", "dihedral", "excluded", "excluded_typed"]]
+    terms = [_priors()[n] for n in ["bond", "angle", "angle_cosine", "dihedral", "excluded", "excluded_typed"]]
     if variant == "generic_prior":
         terms.insert(2, _Harmonic())
     n_priors = len(terms)
@@ -471,6 +474,51 @@ def test_bimodal_bond_falls_back_to_moments_with_warning():
     variance = np.average((r - mean) ** 2, weights=weights)
     assert prior.config()["r0_nm"][0] == pytest.approx(mean, rel=0.01)
     assert prior.config()["k_kj_mol_nm2"][0] == pytest.approx(KT / variance, rel=0.05)
+
+
+def test_cosine_angle_prior_energy_is_its_series_and_its_forces_stay_finite_at_straight_angles():
+    c = np.array([1.5, -2.0, 0.7, 0.4])
+    prior = CosineAnglePrior([[0, 1, 2]], [c])
+    theta = np.array([0.4, 1.3, 2.2, 3.0])
+    xyz = np.zeros((len(theta), 3, 3))
+    xyz[:, 0] = [0.3, 0.0, 0.0]
+    xyz[:, 2] = 0.25 * np.stack([np.cos(theta), np.sin(theta), np.zeros_like(theta)], axis=1)
+    expected = np.cos(np.outer(theta, np.arange(4))) @ c
+    np.testing.assert_allclose(_energy(prior, xyz), expected, rtol=1e-12)
+    straight = np.array([[[0.3, 0.0, 0.0], [0.0, 0.0, 0.0], [-0.25, 0.0, 0.0]]])
+    energy, forces = prior.energy_and_forces(torch.tensor(straight))
+    assert float(energy) == pytest.approx(c @ np.cos(np.arange(4) * math.pi))
+    assert torch.isfinite(forces).all() and float(forces.abs().max()) < 1e-6  # dE/dtheta = 0 at pi
+
+
+def test_multimodal_angle_gets_a_cosine_series_that_reproduces_its_distribution():
+    """An angle with two peaks (a harmonic prior cannot hold both) is fitted by a cosine series whose Boltzmann
+    distribution, sin(theta) exp(-E/kT), matches the samples."""
+    rng = np.random.default_rng(3)
+    theta = np.concatenate([rng.normal(1.9, 0.12, 30_000), rng.normal(2.7, 0.15, 50_000)])
+    theta = theta[(theta > 0) & (theta < math.pi)]
+    xyz = np.zeros((len(theta), 3, 3))
+    xyz[:, 0] = [0.35, 0.0, 0.0]
+    xyz[:, 2] = 0.35 * np.stack([np.cos(theta), np.sin(theta), np.zeros_like(theta)], axis=1)
+    priors = fit_priors(xyz, [[0, 1], [1, 2]], T, terms=["angles"])
+    assert [type(p) for p in priors] == [CosineAnglePrior]
+    grid = np.linspace(1e-4, math.pi - 1e-4, 5000)
+    pts = np.zeros((len(grid), 3, 3))
+    pts[:, 0] = [0.35, 0.0, 0.0]
+    pts[:, 2] = 0.35 * np.stack([np.cos(grid), np.sin(grid), np.zeros_like(grid)], axis=1)
+    energy = _energy(priors[0], pts)
+    logp = np.log(np.sin(grid)) - energy / KT
+    p = np.exp(logp - logp.max())
+    p /= p.sum()
+    # both peaks in the right places and proportions (a harmonic fallback would put one peak in between)
+    assert p[(grid > 1.5) & (grid < 2.3)].sum() == pytest.approx(30_000 / 80_000, abs=0.03)
+    assert abs(grid[np.argmax(np.where(grid < 2.3, p, 0))] - 1.9) < 0.05
+    assert abs(grid[np.argmax(np.where(grid > 2.3, p, 0))] - 2.7) < 0.05
+    # never-seen angles sit on the wall, about 10 kT above the minimum
+    assert energy[grid < 1.0].min() - energy.min() > 8 * KT
+    # and the fit survives save/load and transfer like the other bonded priors
+    rebuilt = prior_from_dict(prior_to_dict(priors[0]))
+    np.testing.assert_allclose(_energy(rebuilt, pts), energy)
 
 
 def test_dihedral_fit_recovers_fourier_coefficients():

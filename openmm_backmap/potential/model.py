@@ -19,7 +19,8 @@ def _term_classes() -> dict[str, type]:
     """Classes a potential file may name.  Files name classes from this list only: loading never runs code."""
     from . import priors, schnet
 
-    classes = [priors.HarmonicBondPrior, priors.HarmonicAnglePrior, priors.FourierDihedralPrior,
+    classes = [priors.HarmonicBondPrior, priors.HarmonicAnglePrior, priors.CosineAnglePrior,
+               priors.FourierDihedralPrior,
                priors.ExcludedVolumePrior, priors.NeighborExcludedVolumePrior, schnet.SchNet]
     return {cls.__name__: cls for cls in classes}
 

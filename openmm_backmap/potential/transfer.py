@@ -31,6 +31,7 @@ ALL_PAIRS_WARNING = 2_000_000
 _BONDED = {
     "HarmonicBondPrior": ("bonds", {"r0_nm": "r0", "k_kj_mol_nm2": "k"}),
     "HarmonicAnglePrior": ("angles", {"theta0_rad": "theta0", "k_kj_mol_rad2": "k"}),
+    "CosineAnglePrior": ("angles", {"coefficients_kj_mol": "coefficients"}),
     "FourierDihedralPrior": ("dihedrals", {"cos_coeffs": "cos_coeffs", "sin_coeffs": "sin_coeffs"}),
 }
 
