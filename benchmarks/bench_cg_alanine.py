@@ -74,8 +74,8 @@ def cg_geometry(xyz, bonds):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--aa-ns", type=float, default=20.0)
-    parser.add_argument("--train-frames", type=int, default=50_000)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--train-frames", type=int, default=100_000)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--steps", type=int, default=250_000)
     parser.add_argument("--dt-fs", type=float, default=4.0)

@@ -39,7 +39,7 @@ from .._units import kabsch
 from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper
 
 #: Default weights of the loss terms.
-DEFAULT_LOSS_WEIGHTS = {"position": 1.0, "distance": 1.0, "bonded": 30.0, "cg": 1.0, "energy": 0.001}
+DEFAULT_LOSS_WEIGHTS = {"position": 1.0, "distance": 1.0, "bonded": 30.0, "cg": 1.0, "energy": 0.01}
 
 
 class BackmapperTrainer:
