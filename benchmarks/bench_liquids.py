@@ -353,6 +353,7 @@ def section_backmap(name: str, args) -> dict:
             rows["library"]["velocity_jsd"], 1e-12)
         rows["knn_cross_validation"] = knn_cv(mapping, path, n_train)
         rows["lag_ps"] = lag_ps
+        rows["temporal_rollout_steps"] = int(models["temporal"].metadata.get("rollout_steps", 0))
         rows["test_frames"] = int(len(sel))
         rows["cc_rdf"] = {k: v[2].round(4).tolist() for k, v in rdfs.items()} | {
             "r_nm": rdfs["temporal"][0].round(4).tolist(), "reference": rdfs["temporal"][1].round(4).tolist()}
@@ -481,8 +482,10 @@ def markdown(all_results: dict) -> str:
                          "starts at the 0.1 % quantile of the training pair distances). Plot: `liquids_cg.png`.\n")
         bm = res.get("backmap", {})
         for label, rows in bm.items():
+            rollout = rows.get("temporal_rollout_steps", 0)
             lines += [f"### {name} {label}: backmapping held-out frames (lag {rows['lag_ps']:g} ps, "
-                      f"{rows['test_frames']} frames)", "",
+                      f"{rows['test_frames']} frames; temporal model trained with "
+                      f"{f'{rollout} rollout steps' if rollout else 'teacher forcing only'})", "",
                       "| method | bond score (≥ 0.99) | intermolecular clash (≤ 0.001) | C–C g(r) L1 nm (≤ 0.05) | "
                       "LJ/molecule JSD (≤ 0.05) | LJ mean shift kJ/mol (median; fraction above the reference maximum) | "
                       "velocity JSD | RMSD nm |",
