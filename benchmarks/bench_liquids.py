@@ -58,7 +58,7 @@ CASES = {
                  {"cutoff_nm": 1.0, **WALL}),
                 ("3-bead", "benzene-3bead", 4.0, {0.01: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
                  {"cutoff_nm": 0.6, **WALL})],
-    "hexane": [("3-bead", "hexane-3bead", 4.0, {0.01: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
+    "hexane": [("3-bead", "hexane-3bead", 4.0, {0.0: 50.0, 0.01: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
                 {"cutoff_nm": 0.6, **WALL})],
     "cumene": [("3-bead", "cumene-3bead", 4.0, {0.01: 50.0}, {**SMALL_NET, "cutoff_nm": 0.6},
                 {"cutoff_nm": 0.6, **WALL})],
