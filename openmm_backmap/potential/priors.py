@@ -399,12 +399,8 @@ class HarmonicAnglePrior(_Prior):
         super().__init__({"angles": atoms.tolist(), "theta0_rad": theta0.tolist(), "k_kj_mol_rad2": k.tolist()})
         self._register_atoms(atoms)
         self._register_floats(theta0=theta0, k=k)
-        # vectors u = r_i - r_j (all angles), then v = r_k - r_j; the gradient is returned for u and -v
-        i, j, k_ = atoms.T
-        n = len(atoms)
-        self._register_vectors(np.concatenate([i, k_]), np.concatenate([j, j]),
-                               np.concatenate([np.ones(n), -np.ones(n)]), n_beads=int(atoms.max()) + 1,
-                               n_energy_terms=n, energy_scale=0.5)
+        self._register_vectors(*_angle_vectors(atoms), n_beads=int(atoms.max()) + 1, n_energy_terms=len(atoms),
+                               energy_scale=0.5)
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
@@ -412,22 +408,11 @@ class HarmonicAnglePrior(_Prior):
         return 0.5 * (self.k.to(positions.dtype) * dtheta * dtheta).sum(-1)
 
     def energy_terms_and_gradient(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``k (theta - theta0)^2`` per angle, and the gradient for ``u`` and ``-v``.
-
-        With ``w = u x v``: ``dtheta/du = u x w / (|u|^2 |w|)`` and ``dtheta/dv = -v x w / (|v|^2 |w|)``,
-        perpendicular to ``u`` (``v``) in the plane of the angle, of length ``1/|u|`` (``1/|v|``) however
-        close the angle is to 0 or pi.  At exactly 0 or pi (``w = 0``) the gradient is 0, as autograd's.
-        """
-        pair = vectors.unflatten(1, [2, -1])  # (B, 2, M, 3): u, v
-        u, v = pair.unbind(1)
-        normal = torch.linalg.cross(u, v, dim=-1)
-        sine = torch.linalg.vector_norm(normal, dim=-1)
-        theta = torch.atan2(sine, (u * v).sum(-1))
+        """``k (theta - theta0)^2`` per angle, and the gradient for ``u`` and ``-v`` (:func:`_angle_gradient`)."""
+        pair, normal, sine, theta = _angle_geometry(vectors)
         dtheta = theta - self.theta0.to(vectors.dtype)
         kdt = self.k.to(vectors.dtype) * dtheta
-        coef = (kdt / sine.clamp(min=1e-30)).unsqueeze(1) / (pair * pair).sum(-1)
-        gradient = coef.unsqueeze(-1) * torch.linalg.cross(pair, normal.unsqueeze(1), dim=-1)
-        return kdt * dtheta, gradient.flatten(1, 2)
+        return kdt * dtheta, _angle_gradient(kdt, pair, normal, sine)
 
 
 class CosineAnglePrior(_Prior):
@@ -455,11 +440,8 @@ class CosineAnglePrior(_Prior):
         super().__init__({"angles": atoms.tolist(), "coefficients_kj_mol": coefficients.tolist()})
         self._register_atoms(atoms)
         self._register_floats(coefficients=coefficients, orders=np.arange(coefficients.shape[1], dtype=np.float64))
-        i, j, k_ = atoms.T
-        n = len(atoms)
-        self._register_vectors(np.concatenate([i, k_]), np.concatenate([j, j]),
-                               np.concatenate([np.ones(n), -np.ones(n)]), n_beads=int(atoms.max()) + 1,
-                               n_energy_terms=n, energy_scale=1.0)
+        self._register_vectors(*_angle_vectors(atoms), n_beads=int(atoms.max()) + 1, n_energy_terms=len(atoms),
+                               energy_scale=1.0)
 
     def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Energies ``(B,)`` in kJ/mol of positions ``(B, n_beads, 3)`` in nm."""
@@ -468,20 +450,44 @@ class CosineAnglePrior(_Prior):
         return (series * self.coefficients.to(positions.dtype)).sum((-1, -2))
 
     def energy_terms_and_gradient(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``E(theta)`` per angle, and the gradient for ``u`` and ``-v`` (as :class:`HarmonicAnglePrior`, with
+        """``E(theta)`` per angle, and the gradient for ``u`` and ``-v`` (:func:`_angle_gradient`, with
         ``dE/dtheta = -sum_n n c_n sin(n theta)``)."""
-        pair = vectors.unflatten(1, [2, -1])  # (B, 2, M, 3): u, v
-        u, v = pair.unbind(1)
-        normal = torch.linalg.cross(u, v, dim=-1)
-        sine = torch.linalg.vector_norm(normal, dim=-1)
-        theta = torch.atan2(sine, (u * v).sum(-1))
+        pair, normal, sine, theta = _angle_geometry(vectors)
         n_theta = theta.unsqueeze(-1) * self.orders.to(vectors.dtype)
         c = self.coefficients.to(vectors.dtype)
         energy = (torch.cos(n_theta) * c).sum(-1)
         slope = -(torch.sin(n_theta) * c * self.orders.to(vectors.dtype)).sum(-1)
-        coef = (slope / sine.clamp(min=1e-30)).unsqueeze(1) / (pair * pair).sum(-1)
-        gradient = coef.unsqueeze(-1) * torch.linalg.cross(pair, normal.unsqueeze(1), dim=-1)
-        return energy, gradient.flatten(1, 2)
+        return energy, _angle_gradient(slope, pair, normal, sine)
+
+
+def _angle_vectors(atoms: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Difference vectors of angle priors (see :meth:`_Prior._register_vectors`): ``u = r_i - r_j`` for all
+    angles, then ``v = r_k - r_j``, whose gradient is returned for ``-v``."""
+    i, j, k = atoms.T
+    n = len(atoms)
+    return np.concatenate([i, k]), np.concatenate([j, j]), np.concatenate([np.ones(n), -np.ones(n)])
+
+
+def _angle_geometry(vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the vectors of :func:`_angle_vectors` ``(B, 2M, 3)``: the pairs ``(B, 2, M, 3)`` (u, v), the normals
+    ``w = u x v``, ``|w|`` and the angles ``theta = atan2(|w|, u . v)`` ``(B, M)``."""
+    pair = vectors.unflatten(1, [2, -1])
+    u, v = pair.unbind(1)
+    normal = torch.linalg.cross(u, v, dim=-1)
+    sine = torch.linalg.vector_norm(normal, dim=-1)
+    return pair, normal, sine, torch.atan2(sine, (u * v).sum(-1))
+
+
+def _angle_gradient(slope: torch.Tensor, pair: torch.Tensor, normal: torch.Tensor,
+                    sine: torch.Tensor) -> torch.Tensor:
+    """Gradient ``(B, 2M, 3)`` for ``u`` and ``-v`` of an angle energy with ``dE/dtheta = slope`` ``(B, M)``.
+
+    With ``w = u x v``: ``dtheta/du = u x w / (|u|^2 |w|)`` and ``dtheta/dv = -v x w / (|v|^2 |w|)``,
+    perpendicular to ``u`` (``v``) in the plane of the angle, of length ``1/|u|`` (``1/|v|``) however close the
+    angle is to 0 or pi.  At exactly 0 or pi (``w = 0``) the gradient is 0, as autograd's.
+    """
+    coef = (slope / sine.clamp(min=1e-30)).unsqueeze(1) / (pair * pair).sum(-1)
+    return (coef.unsqueeze(-1) * torch.linalg.cross(pair, normal.unsqueeze(1), dim=-1)).flatten(1, 2)
 
 
 class FourierDihedralPrior(_Prior):
