@@ -330,6 +330,7 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
         index %= aa.n_frames
         xyz = aa.positions[index].astype(np.float64)
         box = aa.box_vectors[index].astype(np.float64) if aa.periodic else None
+        relax = _relaxer(cfg, aa.system, backmapper)
     if box is not None:
         xyz = mapping.make_molecules_whole(xyz[None], box[None])[0]
     beads = mapping.map_positions(xyz)
@@ -374,7 +375,7 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
     checkpoints = app.CheckpointReporter(str(paths["checkpoint"]), chunk)
     guard = CGRunGuard(interval, max_temperature_K=float(cfg["max_temperature"]), last_good_file=paths["last_good"])
     backmap_reporter = BackmapReporter(paths["aa"], interval, backmapper, append=append, seed=int(cfg["seed"]),
-                                       first_frame=first_aa, live_pdb=paths["live"], mode=cfg["mode"])
+                                       first_frame=first_aa, live_pdb=paths["live"], mode=cfg["mode"], relax=relax)
     simulation.reporters.extend([dcd, log, checkpoints, guard, backmap_reporter])
     print(f"CG run: {n_steps - start} steps of {cfg['timestep_fs']:g} fs ({(n_steps - start) * timestep_ps / 1000:g} "
           f"ns) on {platform.getName()}, {cfg['backend']} backend; backmapping every {interval} steps "
@@ -404,6 +405,18 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
     return out
 
 
+def _relaxer(cfg: dict[str, Any], system: Any, backmapper: Any) -> Any:
+    """The Relaxer of ``--relax ITERATIONS`` (``None`` when 0)."""
+    from .backmap import Relaxer
+
+    iterations = int(cfg.get("relax") or 0)
+    if iterations < 0:
+        raise ValueError(f"--relax must be >= 0 iterations, got {iterations}")
+    if iterations == 0:
+        return None
+    return Relaxer(system, backmapper.mapping, atoms=backmapper.atom_indices, max_iterations=iterations)
+
+
 def cmd_backmap(cfg: dict[str, Any]) -> Path:
     """Backmap a CG trajectory file offline."""
     from .backmap import TemporalBackmapper, backmap
@@ -418,12 +431,20 @@ def cmd_backmap(cfg: dict[str, Any]) -> Path:
         if not beside.exists():
             raise ValueError(f"{cg} carries no topology: pass --topology CG.pdb")
         topology = beside
+    relax = None
+    if int(cfg["relax"] or 0) > 0:
+        from .data import AADataset
+
+        if cfg["data"] is None:
+            raise ValueError("--relax needs --data: the AA dataset whose System minimises the frames")
+        with AADataset(_existing(cfg["data"], "--data")) as aa:
+            relax = _relaxer(cfg, aa.system, backmapper)
     out = Path(cfg["out"])
     _refuse_overwrite(out, cfg)
     if out.exists():
         out.unlink()
     backmap(cg, backmapper, out, topology=topology, seed=int(cfg["seed"]), mode=cfg["mode"],
-            stride=int(cfg["stride"]), progress=cfg.get("_progress", True))
+            stride=int(cfg["stride"]), relax=relax, progress=cfg.get("_progress", True))
     _write_config(cfg, out.parent, out.stem + ".config.yaml")
     print(f"backmapped {cg} -> {out}")
     return out
@@ -692,10 +713,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                          "overwrite": False, "threads": 1},
     "run": {"potential": None, "backmapper": None, "data": None, "start_frame": 0, "out": "cg_run", "ns": 0.1,
             "timestep_fs": 4.0, "temperature": 300.0, "friction": 1.0, "interval": None, "backend": "torch",
-            "platform": None, "seed": 0, "mode": "model", "max_temperature": 2000.0, "append": False,
+            "platform": None, "seed": 0, "mode": "model", "max_temperature": 2000.0, "relax": 0, "append": False,
             "overwrite": False, "threads": 1},
     "backmap": {"cg": None, "topology": None, "backmapper": None, "out": "aa.dcd", "stride": 1, "seed": 0,
-                "mode": "model", "overwrite": False, "threads": 1},
+                "mode": "model", "relax": 0, "data": None, "overwrite": False, "threads": 1},
     "evaluate": {"reference": None, "backmapped": None, "backmapped_topology": None, "baseline": None, "cg": None,
                  "cg_topology": None, "cg_log": None, "backmapper": None, "lag_ps": None, "temperature": None,
                  "title": "openmm-backmap evaluation", "out": "evaluation", "threads": 1},
@@ -893,6 +914,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("model", "library"), help="backmapping mode (default: model)")
     p.add_argument("--max-temperature", dest="max_temperature", type=float,
                    help="stop with an error above this kinetic temperature in K (default: 2000)")
+    p.add_argument("--relax", type=int, metavar="ITERATIONS",
+                   help="minimise every backmapped frame with the AA System of --data, beads held, for at most "
+                        "this many iterations (default: 0, off; 200 removes liquids' hydrogen overlaps)")
     p.add_argument("--append", action="store_true", help="continue the run in OUT from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run in OUT")
 
@@ -904,6 +928,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="backmap every n-th CG frame (default: 1)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--mode", choices=("model", "library"), help="backmapping mode (default: model)")
+    p.add_argument("--relax", type=int, metavar="ITERATIONS",
+                   help="minimise every frame with the AA System of --data, beads held, for at most this many "
+                        "iterations (default: 0, off)")
+    p.add_argument("--data", help="AA dataset whose System --relax uses")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("evaluate", "Compare backmapped (and CG) trajectories with the AA reference; HTML report.")

@@ -155,6 +155,11 @@ class BackmapReporter:
         Optional PDB file replaced atomically with every new AA frame, for a viewer to follow the run.
     mode
         ``"model"`` (the temporal VAE) or ``"library"`` (library lookup of every frame).
+    relax
+        Optional :class:`~openmm_backmap.backmap.Relaxer`, or the AA ``openmm.System`` for one with default
+        settings: every frame is minimised with the AA force field (beads restrained in place) before it is written
+        and before it conditions the next frame. Removes the intermolecular hydrogen overlaps of liquids at a cost
+        of seconds per frame of a few thousand atoms; see ``docs/liquids.md``.
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class BackmapReporter:
         first_frame: Any = None,
         live_pdb: str | os.PathLike | None = None,
         mode: str = "model",
+        relax: Any = None,
     ) -> None:
         from .formats import topology_pdb_path, trajectory_format
 
@@ -194,6 +200,9 @@ class BackmapReporter:
         self._append = bool(append)
         self._seed = int(seed)
         self._mode = mode
+        from .backmap.relax import as_relaxer
+
+        self._relaxer = as_relaxer(relax, backmapper)  # checked (and built) before any step
         self._first_frame = self._read_first_frame(first_frame)
         self._live_path = Path(live_pdb) if live_pdb is not None else None
         if self._live_path is not None:
@@ -256,7 +265,7 @@ class BackmapReporter:
                           f"behave worse (report every {lag / dt_ps:g} steps to match)", stacklevel=3)
         step = simulation.currentStep
         restart = self._start_step if self._start_step is not None else step - 1
-        self._chain = bm.chain(seed=self._seed, n_replicas=1, mode=self._mode)
+        self._chain = bm.chain(seed=self._seed, n_replicas=1, mode=self._mode, relax=self._relaxer)
         previous = self._first_frame
         if self._append and self._path.exists() and self._path.stat().st_size > 0:
             stored = existing_steps(self._path, dt_ps)

@@ -246,6 +246,33 @@ def test_backmap_offline(pipeline, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_backmap_relax_minimises_with_the_aa_system(pipeline, capsys):
+    import mdtraj as md
+    import openmm
+
+    from openmm_backmap.data import AADataset
+
+    strided = {}
+    for relax in (0, 100):
+        strided[relax] = pipeline["root"] / "relax" / f"relax{relax}.h5"
+        assert main(["backmap", "--cg", str(pipeline["cg"]), "--backmapper", str(pipeline["backmapper"]),
+                     "--stride", "100", "--relax", str(relax), "--data", str(pipeline["aa"]),
+                     "--out", str(strided[relax])]) == 0
+    with AADataset(pipeline["aa"]) as aa:
+        system = aa.system
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    energies = {}
+    for relax, path in strided.items():
+        energies[relax] = []
+        for xyz in md.load(str(path)).xyz.astype(float):
+            context.setPositions(xyz)
+            energies[relax].append(context.getState(getEnergy=True).getPotentialEnergy()._value)
+    assert len(energies[0]) == 5 and np.all(np.array(energies[100]) < np.array(energies[0])), energies
+    assert main(["backmap", "--cg", str(pipeline["cg"]), "--backmapper", str(pipeline["backmapper"]),
+                 "--relax", "100", "--out", str(pipeline["root"] / "relax" / "no_data.h5")]) == 1
+    assert "--relax needs --data" in capsys.readouterr().err
+
+
 def test_evaluate_writes_report(pipeline, capsys):
     pytest.importorskip("openmm_backmap.evaluation")
     run = pipeline["root"] / "run"

@@ -105,6 +105,36 @@ def test_model_mode_frames_follow_the_beads(cg_setup, tiny_backmapper, tmp_path)
     assert reporter.chain.n_steps == 10
 
 
+def test_relaxed_frames_are_written_and_condition_the_chain(cg_setup, tiny_backmapper, adp_aa_data, tmp_path):
+    """relax=<AA System>: the written frames are relaxed (OpenMM energies below those of the unrelaxed frames of the
+    same CG run), stay on the beads, and the chain goes on from them. (That the relaxed frame is the next step's
+    condition is checked exactly in test_relax.py; here the minimiser's path would amplify the float32 rounding
+    of the stored CG frames.)"""
+    mapping, system = cg_setup[0], adp_aa_data[0].system
+    paths, reporters = {}, {}
+    for tag, relax in (("raw", None), ("relaxed", system)):
+        sim = _simulation(cg_setup)
+        paths[tag] = tmp_path / f"{tag}.h5"
+        reporters[tag] = BackmapReporter(paths[tag], INTERVAL, tiny_backmapper, seed=3, relax=relax)
+        sim.reporters += [app.DCDReporter(str(tmp_path / f"{tag}.dcd"), INTERVAL), reporters[tag]]
+        sim.step(5 * INTERVAL)
+        reporters[tag].close()
+    aa = {tag: read_frames(path)["xyz"].astype(np.float64) for tag, path in paths.items()}
+    cg = _cg_frames(tmp_path / "relaxed.dcd", mapping).xyz.astype(np.float64)
+    np.testing.assert_allclose(cg, _cg_frames(tmp_path / "raw.dcd", mapping).xyz, atol=1e-6)  # the same CG run
+    assert reporters["relaxed"].chain.relaxer is not None and reporters["raw"].chain.relaxer is None
+    np.testing.assert_allclose(reporters["relaxed"].chain.previous[0], aa["relaxed"][-1], atol=1e-5)
+    assert np.linalg.norm(mapping.map_positions(aa["relaxed"]) - cg, axis=-1).max() < 0.02
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    energy = {}
+    for tag, frames in aa.items():
+        energy[tag] = []
+        for xyz in frames:
+            context.setPositions(xyz)
+            energy[tag].append(context.getState(getEnergy=True).getPotentialEnergy()._value)
+    assert np.all(np.array(energy["relaxed"]) < np.array(energy["raw"])), energy
+
+
 @pytest.mark.parametrize("fmt", ["dcd", "h5"])
 def test_append_after_checkpoint_restart_equals_an_uninterrupted_run(cg_setup, tiny_backmapper, tmp_path, fmt):
     # the uninterrupted run

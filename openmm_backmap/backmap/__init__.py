@@ -11,7 +11,8 @@ from .baseline import KNNBackmapperModel, KNNRegressionBaseline
 from .inference import BackmapChain
 from .model import TemporalBackmapper
 from .offline import backmap, read_cg_trajectory
+from .relax import Relaxer
 from .trainer import BackmapperTrainer
 
 __all__ = ["BackmapChain", "BackmapperTrainer", "KNNBackmapperModel", "KNNRegressionBaseline",
-           "TemporalBackmapper", "backmap", "read_cg_trajectory"]
+           "Relaxer", "TemporalBackmapper", "backmap", "read_cg_trajectory"]

@@ -29,11 +29,19 @@ class BackmapChain:
         Number of trajectories backmapped together (batched).
     mode
         ``"model"`` (the VAE) or ``"library"`` (every frame a library lookup: the thesis's baseline).
+    relax
+        Optional :class:`~openmm_backmap.backmap.Relaxer` (or the AA ``openmm.System``, for one with default
+        settings): every frame is minimised with the AA force field, beads held in place, and the relaxed frame is
+        both the output and the condition of the next step.
     """
 
-    def __init__(self, backmapper, *, seed: int = 0, n_replicas: int = 1, mode: str = "model") -> None:
+    def __init__(self, backmapper, *, seed: int = 0, n_replicas: int = 1, mode: str = "model",
+                 relax: Any = None) -> None:
+        from .relax import as_relaxer
+
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        self.relaxer = as_relaxer(relax, backmapper)
         self.backmapper = backmapper.eval()
         self.n_replicas = int(n_replicas)
         self.mode = mode
@@ -94,6 +102,8 @@ class BackmapChain:
             out = bm.decode_frames(beads, self._previous if bm.condition_on_previous else None, box, self.generator)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"backmapping produced non-finite coordinates at chain step {self.n_steps}")
+        if self.relaxer is not None:
+            out = torch.as_tensor(self.relaxer.relax(out.numpy(), frames, None if box is None else box.numpy()))
         self._previous = out
         self.n_steps += 1
         result = out.numpy().copy()
@@ -101,7 +111,8 @@ class BackmapChain:
 
 
 def backmap_array(backmapper, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
-                  first_frame_nm: Any = None, mode: str = "model", progress: bool = False) -> np.ndarray:
+                  first_frame_nm: Any = None, mode: str = "model", relax: Any = None,
+                  progress: bool = False) -> np.ndarray:
     """Backmap a whole CG trajectory ``(n_frames, n_beads, 3)`` nm; see
     :meth:`~openmm_backmap.backmap.TemporalBackmapper.backmap_trajectory`."""
     xyz = as_coordinates(cg_positions_nm, backmapper.n_beads, name="CG trajectory")
@@ -113,7 +124,7 @@ def backmap_array(backmapper, cg_positions_nm: Any, box_vectors_nm: Any = None, 
         boxes = np.broadcast_to(boxes, (len(xyz), 3, 3)) if boxes.ndim == 2 else boxes
         if len(boxes) != len(xyz):
             raise ValueError(f"{len(boxes)} boxes for {len(xyz)} CG frames")
-    chain = BackmapChain(backmapper, seed=seed, mode=mode)
+    chain = BackmapChain(backmapper, seed=seed, mode=mode, relax=relax)
     out = np.empty((len(xyz), backmapper.n_atoms, 3), dtype=np.float64)
     start = 0
     if first_frame_nm is not None:

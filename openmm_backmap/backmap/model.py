@@ -413,23 +413,26 @@ class TemporalBackmapper(nn.Module):
         return out
 
     # -- inference -------------------------------------------------------------------------------------
-    def chain(self, *, seed: int = 0, n_replicas: int = 1, mode: str = "model") -> "BackmapChain":
+    def chain(self, *, seed: int = 0, n_replicas: int = 1, mode: str = "model", relax: Any = None) -> "BackmapChain":
         """A stateful autoregressive backmapping of ``n_replicas`` trajectories (see :class:`BackmapChain`)."""
         from .inference import BackmapChain
 
-        return BackmapChain(self, seed=seed, n_replicas=n_replicas, mode=mode)
+        return BackmapChain(self, seed=seed, n_replicas=n_replicas, mode=mode, relax=relax)
 
     def backmap_trajectory(self, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
-                           first_frame_nm: Any = None, mode: str = "model", progress: bool = False) -> np.ndarray:
+                           first_frame_nm: Any = None, mode: str = "model", relax: Any = None,
+                           progress: bool = False) -> np.ndarray:
         """Backmap a CG trajectory ``(n_frames, n_beads, 3)`` (nm) to ``(n_frames, n_atoms, 3)`` (nm).
 
         ``first_frame_nm`` (``(n_atoms, 3)``, the output atoms) replaces the library pick for frame 0.
-        ``mode`` is ``"model"``, or ``"library"`` for the library-lookup baseline.
+        ``mode`` is ``"model"``, or ``"library"`` for the library-lookup baseline. ``relax`` (a
+        :class:`~openmm_backmap.backmap.Relaxer` or the AA ``openmm.System``) minimises every frame with the AA
+        force field, beads held in place, before it conditions the next one.
         """
         from .inference import backmap_array
 
         return backmap_array(self, cg_positions_nm, box_vectors_nm, seed=seed, first_frame_nm=first_frame_nm,
-                             mode=mode, progress=progress)
+                             mode=mode, relax=relax, progress=progress)
 
     # -- files -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -64,7 +64,7 @@ def _as_openmm_or_none(topology: Any):
 
 def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, topology: Any = None,
             seed: int = 0, first_frame_nm: Any = None, mode: str = "model", stride: int = 1,
-            progress: bool = True) -> Path:
+            relax: Any = None, progress: bool = True) -> Path:
     """Backmap a CG trajectory file and write the AA trajectory.
 
     Parameters
@@ -84,6 +84,9 @@ def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, t
         AA frame ``(n_atoms, 3)`` nm that precedes the first CG frame; default: a library pick.
     stride
         Backmap every ``stride``-th CG frame (the backmapper was trained for one lag; use the stride that matches).
+    relax
+        Optional :class:`~openmm_backmap.backmap.Relaxer` or AA ``openmm.System``: minimise every frame with the AA
+        force field, beads held in place (see :class:`~openmm_backmap.backmap.BackmapChain`).
 
     Returns
     -------
@@ -111,7 +114,7 @@ def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, t
                          f"the backmapper expects {backmapper.n_beads} beads")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    chain = backmapper.chain(seed=seed, mode=mode)
+    chain = backmapper.chain(seed=seed, mode=mode, relax=relax)
     if first_frame_nm is not None:
         chain.previous = first_frame_nm
     frames = range(len(xyz))
