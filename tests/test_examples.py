@@ -69,7 +69,7 @@ def test_benzene_liquid_example(tmp_path):
 
     out_dir = tmp_path / "benzene"
     out = _run("benzene_liquid.py", "--molecules", "40", "--cutoff-nm", "0.6", "--npt-ps", "1", "--aa-ps", "4",
-               "--epochs", "2", "--cg-ps", "2", "--out", out_dir)
+               "--epochs", "2", "--cg-ps", "2", "--relax", "100", "--out", out_dir)
     with AADataset(out_dir / "aa.h5") as aa:
         assert aa.n_frames == 40 and aa.settings["pressure_bar"] == 1.0
         assert 0.6 < aa.settings["production_density_g_cm3"] < 1.1  # benzene: 0.87 g/cm3
@@ -83,3 +83,7 @@ def test_benzene_liquid_example(tmp_path):
     np.testing.assert_allclose(run.unitcell_vectors[0], box, atol=1e-4)
     clash = float(out.split("intermolecular clash score ")[1].split()[0])
     assert clash < 0.05
+    # --relax reached the reporter (what relaxation does is tested in test_relax.py and test_reporters.py; with a
+    # 2-epoch CG potential the bead frames themselves leave no room for the AA molecules, so no quality bound here)
+    above = float(out.split("molecules with an LJ energy above the AA maximum: ")[1].split("%")[0])
+    assert "(frames relaxed)" in out and 0.0 <= above <= 100.0
