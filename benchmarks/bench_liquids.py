@@ -525,6 +525,7 @@ def markdown(all_results: dict) -> str:
                          f"{_cv(rows['knn_cross_validation'])}")
             if "relax_seconds_per_frame" in rows:
                 rs = rows["relax_settings"]
+                lines.append("")
                 lines.append(f"Temporal + relax: every frame minimised with the AA System (`Relaxer`: at most "
                              f"{rs['max_iterations']} L-BFGS iterations, bead restraints "
                              f"{rs['restraint_kj_mol_nm2']:.0e} kJ/mol/nm², reaction field instead of PME, "
