@@ -6,6 +6,9 @@ whole array.
 
 ``KNNRegressionBaseline(mapping).fit(aa_dataset) -> KNNBackmapperModel`` is the per-molecule kNN regression
 baseline of seed 000 (frame by frame, no temporal coherence).
+
+``Relaxer(aa_system, mapping)`` minimises backmapped frames with the AA force field, beads held in place; pass it
+(or the AA System) as ``relax=`` to the chain, ``backmap_trajectory``, ``backmap`` or the reporter.
 """
 from .baseline import KNNBackmapperModel, KNNRegressionBaseline
 from .inference import BackmapChain
