@@ -5,11 +5,15 @@ import datetime
 import json
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 
-#: Where results go; ``run_all.py --quick`` points this elsewhere so smoke runs never overwrite recorded results.
-RESULTS = Path(os.environ.get("OPENMM_BACKMAP_BENCH_RESULTS", Path(__file__).parent / "results"))
+#: Where results go. Smoke runs (``--quick``, whether from ``run_all.py --quick`` or a script run by hand) go to
+#: ``results/quick`` so that they never overwrite recorded results; ``OPENMM_BACKMAP_BENCH_RESULTS`` overrides both.
+_DEFAULT_RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("OPENMM_BACKMAP_BENCH_RESULTS",
+                              _DEFAULT_RESULTS / "quick" if "--quick" in sys.argv[1:] else _DEFAULT_RESULTS))
 
 
 def machine() -> dict:

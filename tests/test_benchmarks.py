@@ -57,3 +57,21 @@ def test_script_accepts_quick(script, monkeypatch, tmp_path):
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code in (0, None)
     assert "--quick" in out.getvalue()
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["bench_x.py", "--quick"], None, "results/quick"),
+    (["bench_x.py"], None, "results"),
+    (["bench_x.py", "--quick"], "ENV", "ENV"),
+])
+def test_quick_runs_by_hand_never_write_into_the_recorded_results(argv, env, expected, monkeypatch, tmp_path):
+    """A script started with --quick by hand (not through run_all.py) writes to results/quick, not results/."""
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    if env is None:
+        monkeypatch.delenv("OPENMM_BACKMAP_BENCH_RESULTS", raising=False)
+    else:
+        monkeypatch.setenv("OPENMM_BACKMAP_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", argv)
+    namespace = runpy.run_path(str(bench_dir / "_common.py"))
+    want = tmp_path if env else bench_dir / expected
+    assert Path(namespace["RESULTS"]) == want
