@@ -90,13 +90,13 @@ def main() -> None:
     timestep_ps = 0.004
     system = create_cg_system(mapping, potential, backend="torch", box_vectors_nm=aa_box)
     integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, timestep_ps * u.picosecond)
-    integrator.setRandomNumberSeed(args.seed)
+    integrator.setRandomNumberSeed(args.seed + 1)  # OpenMM takes 0 to mean "a new random seed every run"
     cg_top = mapping.to_openmm_topology()
     cg_top.setPeriodicBoxVectors(aa_box * u.nanometer)
     simulation = app.Simulation(cg_top, system, integrator, openmm.Platform.getPlatformByName("Reference"))
     simulation.context.setPeriodicBoxVectors(*aa_box)
     simulation.context.setPositions(mapping.map_positions(mapping.make_molecules_whole(last[None], aa_box[None]))[0])
-    simulation.context.setVelocitiesToTemperature(300 * u.kelvin, args.seed)
+    simulation.context.setVelocitiesToTemperature(300 * u.kelvin, args.seed + 1)
     interval = max(1, round(backmapper.lag_ps / timestep_ps))
     simulation.reporters += [
         BackmapReporter(args.out / "aa_run.dcd", interval, backmapper, seed=args.seed,

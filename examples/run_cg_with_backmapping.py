@@ -63,12 +63,12 @@ def main() -> None:
     potential = CGPotential.load(args.potential, mapping)
     system = create_cg_system(mapping, potential, backend="torch")
     integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, timestep_ps * u.picosecond)
-    integrator.setRandomNumberSeed(args.seed)
+    integrator.setRandomNumberSeed(args.seed + 1)  # OpenMM takes 0 to mean "a new random seed every run"
     cg_topology = mapping.to_openmm_topology()
     simulation = app.Simulation(cg_topology, system, integrator, openmm.Platform.getPlatformByName("Reference"))
     beads = mapping.map_positions(start)
     simulation.context.setPositions(beads)
-    simulation.context.setVelocitiesToTemperature(300 * u.kelvin, args.seed)
+    simulation.context.setVelocitiesToTemperature(300 * u.kelvin, args.seed + 1)
     with open(args.out / "cg.pdb", "w") as handle:
         app.PDBFile.writeFile(cg_topology, beads * 10 * u.angstrom, handle)
 

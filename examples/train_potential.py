@@ -66,12 +66,12 @@ def main() -> None:
     potential = CGPotential.load(args.out / "potential.pt", mapping)
     system = create_cg_system(mapping, potential, backend="torch")
     integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, 4 * u.femtosecond)
-    integrator.setRandomNumberSeed(args.seed)
+    integrator.setRandomNumberSeed(args.seed + 1)  # OpenMM takes 0 to mean "a new random seed every run"
     simulation = app.Simulation(mapping.to_openmm_topology(), system, integrator,
                                 openmm.Platform.getPlatformByName("Reference"))
     with AADataset(aa_path) as aa:
         simulation.context.setPositions(mapping.map_positions(aa.positions[0].astype(np.float64)))
-    simulation.context.setVelocitiesToTemperature(300 * u.kelvin, args.seed)
+    simulation.context.setVelocitiesToTemperature(300 * u.kelvin, args.seed + 1)
     simulation.reporters.append(CGRunGuard(500))  # stops with a clear error if the run blows up
     t0 = time.perf_counter()
     simulation.step(args.cg_steps)

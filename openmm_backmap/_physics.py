@@ -14,3 +14,12 @@ def degrees_of_freedom(system: openmm.System) -> int:
     if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
         dof -= 3
     return max(dof, 1)
+
+
+def openmm_seed(seed: int) -> int:
+    """The random seed to give OpenMM (integrators, barostats, ``setVelocitiesToTemperature``) for a user seed.
+
+    OpenMM takes a seed of 0 to mean "pick a new random seed every time", so passing the user's ``seed=0`` (our
+    default) straight through made runs irreproducible. Every integer maps to a fixed seed in ``[1, 2**31 - 1]``.
+    """
+    return int(seed) % (2**31 - 1) + 1

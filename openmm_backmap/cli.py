@@ -283,6 +283,7 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
     import openmm.unit as u
     from tqdm.auto import tqdm
 
+    from ._physics import openmm_seed
     from .backmap import TemporalBackmapper
     from .data import AADataset
     from .formats import truncate_after
@@ -341,7 +342,7 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
     temperature = float(cfg["temperature"]) * u.kelvin
     integrator = openmm.LangevinMiddleIntegrator(temperature, float(cfg["friction"]) / u.picosecond,
                                                  timestep_ps * u.picosecond)
-    integrator.setRandomNumberSeed(int(cfg["seed"]))
+    integrator.setRandomNumberSeed(openmm_seed(int(cfg["seed"])))
     platform = choose_platform(system, cfg["platform"])
     simulation = app.Simulation(topology, system, integrator, platform)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,7 +359,7 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
         simulation.context.setPositions(beads)
         if box is not None:
             simulation.context.setPeriodicBoxVectors(*box)
-        simulation.context.setVelocitiesToTemperature(temperature, int(cfg["seed"]))
+        simulation.context.setVelocitiesToTemperature(temperature, openmm_seed(int(cfg["seed"])))
         with open(paths["cg_pdb"], "w") as handle:
             app.PDBFile.writeFile(topology, beads * 10.0 * u.angstrom, handle)
     _write_config(cfg, out, "run.config.yaml")

@@ -42,6 +42,7 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
+from ._physics import openmm_seed
 from ._topology import topology_fingerprint, topology_from_json, topology_to_json
 from ._validation import as_box_vectors, as_coordinates, check_finite
 from .platforms import choose_platform
@@ -604,7 +605,7 @@ def simulate_reference(
     integrator = openmm.LangevinMiddleIntegrator(
         temperature_K * unit.kelvin, friction_per_ps / unit.picosecond, timestep_ps * unit.picosecond
     )
-    integrator.setRandomNumberSeed(seed)
+    integrator.setRandomNumberSeed(openmm_seed(seed))
     simulation = app.Simulation(topology, system, integrator, choose_platform(system, platform))
 
     run_settings = {"seed": seed, "equilibration_steps": equilibration_steps, **(settings or {})}
@@ -642,7 +643,7 @@ def simulate_reference(
         simulation.context.setPositions(positions)
         if minimize:
             simulation.minimizeEnergy()
-        simulation.context.setVelocitiesToTemperature(temperature_K * unit.kelvin, seed)
+        simulation.context.setVelocitiesToTemperature(temperature_K * unit.kelvin, openmm_seed(seed))
         if equilibration_steps and pressure_bar is not None:
             run_settings.update(_equilibrate_npt(
                 simulation, n_steps=int(equilibration_steps), pressure_bar=float(pressure_bar),
@@ -714,12 +715,12 @@ def _equilibrate_npt(
     system = simulation.system
     npt_system = copy.deepcopy(system)
     barostat = openmm.MonteCarloBarostat(pressure_bar * unit.bar, temperature_K * unit.kelvin, barostat_interval)
-    barostat.setRandomNumberSeed(seed)
+    barostat.setRandomNumberSeed(openmm_seed(seed))
     npt_system.addForce(barostat)
     integrator = openmm.LangevinMiddleIntegrator(
         temperature_K * unit.kelvin, friction_per_ps / unit.picosecond, timestep_ps * unit.picosecond
     )
-    integrator.setRandomNumberSeed(seed)
+    integrator.setRandomNumberSeed(openmm_seed(seed))
     context = openmm.Context(npt_system, integrator, simulation.context.getPlatform())
     try:
         start = simulation.context.getState(getPositions=True, getVelocities=True)

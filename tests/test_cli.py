@@ -271,6 +271,23 @@ def test_backmap_relax_minimises_with_the_aa_system(pipeline, capsys):
     assert main(["backmap", "--cg", str(pipeline["cg"]), "--backmapper", str(pipeline["backmapper"]),
                  "--relax", "100", "--out", str(pipeline["root"] / "relax" / "no_data.h5")]) == 1
     assert "--relax needs --data" in capsys.readouterr().err
+    # run --relax: the same CG run (same seed) writes AA frames with lower OpenMM energies
+    runs = {}
+    for relax in (0, 50):
+        runs[relax] = pipeline["root"] / "relax" / f"run_relax{relax}"
+        assert main(["run", "--potential", str(pipeline["potential"]), "--backmapper", str(pipeline["backmapper"]),
+                     "--data", str(pipeline["aa"]), "--out", str(runs[relax]), "--ns", "0.0008",
+                     "--relax", str(relax)]) == 0
+    np.testing.assert_allclose(md.load(str(runs[0] / "cg.dcd"), top=str(runs[0] / "cg.pdb")).xyz,
+                               md.load(str(runs[50] / "cg.dcd"), top=str(runs[50] / "cg.pdb")).xyz, atol=1e-5)
+    run_energies = {}
+    for relax, folder in runs.items():
+        run_energies[relax] = []
+        for xyz in md.load(str(folder / "aa.dcd"), top=str(folder / "aa.pdb")).xyz.astype(float):
+            context.setPositions(xyz)
+            run_energies[relax].append(context.getState(getEnergy=True).getPotentialEnergy()._value)
+    assert np.all(np.array(run_energies[50]) < np.array(run_energies[0])), run_energies
+    assert yaml.safe_load((runs[50] / "run.config.yaml").read_text())["relax"] == 50
 
 
 def test_evaluate_writes_report(pipeline, capsys):

@@ -366,3 +366,20 @@ def test_reads_across_chunk_boundaries_and_live_refresh(tmp_path):
                 assert live.n_frames == 1501
                 np.testing.assert_array_equal(live.step, np.arange(1, 1502))
                 np.testing.assert_array_equal(live.positions[1020:1030, 0, 0], np.arange(1020.0, 1030.0))
+
+
+def test_the_default_seed_reproduces_a_run(tmp_path):
+    """seed=0 (the default) gives the same trajectory twice: OpenMM reads a seed of 0 as "random", so the seed is
+    mapped to a fixed non-zero one (this was a bug: default runs were not reproducible)."""
+    from openmm_backmap._physics import openmm_seed
+
+    adp = systems.alanine_dipeptide("obc2")
+    xyz = []
+    for name in ("a.h5", "b.h5"):
+        simulate_reference(tmp_path / name, adp.topology, adp.system, adp.positions, n_steps=100, report_interval=50,
+                           equilibration_steps=20, platform="Reference", progress=False)
+        with AADataset(tmp_path / name) as ds:
+            xyz.append(ds.positions[:])
+    np.testing.assert_array_equal(xyz[0], xyz[1])
+    assert openmm_seed(0) != 0 and openmm_seed(-1) > 0 and openmm_seed(2**31 - 2) == 2**31 - 1
+    assert len({openmm_seed(s) for s in range(1000)}) == 1000
