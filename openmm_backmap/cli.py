@@ -772,7 +772,9 @@ EXAMPLES = {
         examples:
           openmm-backmap backmap --cg cg_run/cg.dcd --topology cg_run/cg.pdb --backmapper backmapper.pt --out aa.dcd
           openmm-backmap backmap --cg ala2_cg.h5 --backmapper backmapper.pt --stride 5 --out aa.xtc
-          openmm-backmap backmap --cg cg_run/cg.dcd --backmapper backmapper.pt --mode library --out library.dcd""",
+          openmm-backmap backmap --cg cg_run/cg.dcd --backmapper backmapper.pt --mode library --out library.dcd
+          openmm-backmap backmap --cg cg_run/cg.dcd --backmapper backmapper.pt --relax 200 --data benzene.h5 \\
+              --out relaxed.dcd                         # frames minimised with the AA System, beads held""",
     "evaluate": """\
         Writes OUT/report.html, OUT/metrics.json and the figures, and prints the metric table.
 
