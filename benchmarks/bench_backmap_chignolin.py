@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, save  # noqa: E402
 
 from openmm_backmap import systems  # noqa: E402
-from openmm_backmap.backmap import BackmapperTrainer, TemporalBackmapper, backmap  # noqa: E402
+from openmm_backmap.backmap import BackmapperTrainer, TemporalBackmapper  # noqa: E402
 from openmm_backmap.data import AADataset, simulate_reference  # noqa: E402
 from openmm_backmap.evaluation import evaluate_run  # noqa: E402
 from openmm_backmap.mapping import CGMapping  # noqa: E402
@@ -77,7 +77,6 @@ def main() -> None:
     mapping = CGMapping.from_preset(cln.topology, "ca")
     with AADataset(test_path) as ds:
         cg = mapping.map_positions(ds.positions[:].astype(np.float64))
-        first = ds.positions[0].astype(np.float64)
         times = ds.time[:]
     np.save(work / "cg_test.npy", cg)
 

@@ -183,8 +183,6 @@ def load_liquid(name: str):
 def section_cg(name: str, args) -> dict:
     ds, path = load_liquid(name)
     top = ds.topology
-    n_frames = ds.n_frames
-    n_train = int(0.8 * n_frames)
     ds.close()
     results = {}
     for label, preset, dt_fs, weights, network, priors in CASES[name]:

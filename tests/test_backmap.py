@@ -1,8 +1,6 @@
 """The temporally coherent backmapper: layout, frames, invariances, training, inference, files, bad input."""
 from __future__ import annotations
 
-import io
-import math
 
 import numpy as np
 import pytest

@@ -29,7 +29,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from torch import nn
 from .._topology import topology_from_json, topology_to_json
 from ._environment import EnvironmentIndex, Neighbors
 from .._units import UnitKind, UnitLayout, kabsch, minimum_image, random_rotations, whole
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .inference import BackmapChain
 
 FORMAT = "openmm-backmap/backmapper"
 FORMAT_VERSION = 1
