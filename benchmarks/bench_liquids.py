@@ -541,7 +541,7 @@ def markdown(all_results: dict) -> str:
             else:
                 lines.append(f"{name} {key}: CG {val['cg_ns_per_day']:.1f} ns/day ({val['cg_dt_fs']:g} fs) vs AA "
                              f"{val['aa_ns_per_day']:.2f} ns/day ({val['aa_dt_fs']:g} fs, CPU platform): "
-                             f"{val['ratio']:.0f}×")
+                             f"{val['ratio']:.1f}×")
         lines.append("")
     return "\n".join(lines)
 
