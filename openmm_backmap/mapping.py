@@ -350,6 +350,11 @@ class CGMapping:
         return self._position.toarray()
 
     @property
+    def position_matrix_sparse(self) -> sp.csr_matrix:
+        """:attr:`position_matrix` as a SciPy CSR matrix (a copy): what large boxes should use."""
+        return self._position.copy()
+
+    @property
     def force_matrix(self) -> np.ndarray:
         """Dense force map ``G``, shape ``(n_beads, n_atoms)``; bead forces are ``G @ f``."""
         return self._force.toarray()

@@ -128,6 +128,7 @@ def test_shared_atom_positions_forces_and_masses_by_hand():
     assert np.allclose(mapping.map_forces(forces), [[6.0, 12.0, 18.0], [1.0, 10.0, 19.0]])
     assert np.allclose(mapping.bead_masses, [M_C + M_O / 2, M_O / 2 + M_N], atol=1e-4)
     assert np.allclose(mapping.position_matrix.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(mapping.position_matrix_sparse.toarray(), mapping.position_matrix)
     assert np.allclose(mapping.force_matrix, [[1, 0.5, 0], [0, 0.5, 1]])
     assert mapping.bead_types == ["X", "X"]
     # Overlapping beads with net-force shares are not an MS-CG-consistent force map.

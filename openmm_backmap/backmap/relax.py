@@ -15,11 +15,9 @@ import numpy as np
 import openmm
 
 from .._validation import as_box_vectors, as_coordinates
+from ..energy.aaenergy import NO_ENERGY_FORCES
 from ..mapping import _minimum_image
 
-#: Forces that carry no potential energy; they are left out of the relaxation System.
-_NO_ENERGY = (openmm.CMMotionRemover, openmm.MonteCarloBarostat, openmm.MonteCarloAnisotropicBarostat,
-              openmm.MonteCarloMembraneBarostat, openmm.MonteCarloFlexibleBarostat, openmm.AndersenThermostat)
 _EWALD = (openmm.NonbondedForce.Ewald, openmm.NonbondedForce.PME, openmm.NonbondedForce.LJPME)
 #: Force constant (kJ/mol/nm²) of the harmonic bonds that replace constraints during the relaxation: the AMBER
 #: C-H bond (340 kcal/mol/Å², i.e. 2.8e5 in OpenMM's ½k(r-r0)² convention), rounded up.
@@ -42,7 +40,7 @@ def relaxation_system(system: openmm.System) -> openmm.System:
     out = openmm.XmlSerializer.clone(system)
     for i in reversed(range(out.getNumForces())):
         force = out.getForce(i)
-        if isinstance(force, _NO_ENERGY):
+        if isinstance(force, NO_ENERGY_FORCES):
             out.removeForce(i)
         elif isinstance(force, openmm.NonbondedForce) and force.getNonbondedMethod() in _EWALD:
             force.setNonbondedMethod(openmm.NonbondedForce.CutoffPeriodic)
@@ -105,7 +103,7 @@ class Relaxer:
 
         if not isinstance(system, openmm.System):
             raise TypeError(f"system must be an openmm.System, got {type(system).__name__}")
-        if not hasattr(mapping, "position_matrix"):
+        if not hasattr(mapping, "position_matrix_sparse"):
             raise TypeError(f"mapping must be a CGMapping, got {type(mapping).__name__}")
         if isinstance(max_iterations, bool) or int(max_iterations) != max_iterations or max_iterations < 0:
             raise ValueError(f"max_iterations must be an integer >= 0, got {max_iterations!r}")
@@ -113,16 +111,19 @@ class Relaxer:
                             ("restraint_kj_mol_nm2", restraint_kj_mol_nm2)):
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        weights = np.asarray(mapping.position_matrix, dtype=np.float64)
+        weights = mapping.position_matrix_sparse.tocsr()  # sparse: a dense map of a large box would take GBs
+        weights.eliminate_zeros()
         if atoms is not None:
             atoms = np.asarray(atoms, dtype=np.int64)
             if atoms.ndim != 1 or len(atoms) == 0 or atoms.min() < 0 or atoms.max() >= weights.shape[1]:
                 raise ValueError(f"atoms must be indices into the mapping's {weights.shape[1]} AA atoms")
-            outside = np.delete(weights, atoms, axis=1)
-            if np.any(outside != 0):
-                bead = int(np.flatnonzero(np.any(outside != 0, axis=1))[0])
+            outside = np.ones(weights.shape[1], dtype=bool)
+            outside[atoms] = False
+            uses_outside = np.asarray(abs(weights[:, np.flatnonzero(outside)]).sum(axis=1)).ravel() != 0
+            if uses_outside.any():
+                bead = int(np.flatnonzero(uses_outside)[0])
                 raise ValueError(f"bead {mapping.bead_names[bead]!r} uses atoms outside the frame's atoms")
-            weights = weights[:, atoms]
+            weights = weights[:, atoms].tocsr()
         self.n_atoms, self.n_beads = weights.shape[1], weights.shape[0]
         if system.getNumParticles() != self.n_atoms:
             raise ValueError(f"the System has {system.getNumParticles()} particles but the backmapped frames have "
@@ -139,8 +140,8 @@ class Relaxer:
         for p in ("x0", "y0", "z0"):
             restraint.addPerBondParameter(p)
         for b in range(self.n_beads):
-            members = np.flatnonzero(weights[b])
-            restraint.addGroup([int(a) for a in members], [float(w) for w in weights[b, members]])
+            row = weights.getrow(b)
+            restraint.addGroup([int(a) for a in row.indices], [float(w) for w in row.data])
             restraint.addBond([b], [0.0, 0.0, 0.0])
         self._restraint_index = self._system.addForce(restraint)
         self._platform = choose_platform(system, platform)
@@ -197,7 +198,7 @@ class Relaxer:
         for t in range(len(aa)):
             targets = cg[t]
             if boxes is not None:
-                centroids = self._weights @ aa[t]
+                centroids = np.asarray(self._weights @ aa[t])
                 targets = centroids + _minimum_image((targets - centroids)[None], boxes[t][None])[0]
                 context.setPeriodicBoxVectors(*boxes[t])
             for b in range(self.n_beads):
