@@ -48,6 +48,7 @@ def adp_run(tmp_path_factory):
     # a real StateDataReporter log (format only: a short AA run stands in for the CG run)
     log = folder / "cg_log.csv"
     integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 0.002 * unit.picosecond)
+    integrator.setRandomNumberSeed(3)
     sim = app.Simulation(adp.topology, adp.system, integrator, openmm.Platform.getPlatformByName("Reference"))
     sim.context.setPositions(xyz[0])
     sim.context.setVelocitiesToTemperature(300 * unit.kelvin, 1)

@@ -89,6 +89,7 @@ def test_cg_simulation_runs_with_guard(ala2_cg, trained):
     potential = trained[0]
     system = create_cg_system(mapping, potential)
     integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, 0.004 * u.picosecond)
+    integrator.setRandomNumberSeed(3)
     sim = app.Simulation(mapping.to_openmm_topology(), system, integrator, openmm.Platform.getPlatformByName("Reference"))
     sim.context.setPositions(_positions(cg, [0])[0][0])
     sim.context.setVelocitiesToTemperature(300 * u.kelvin, 1)

@@ -223,8 +223,11 @@ def test_periodic_cg_run_stores_the_box(cg_setup, tiny_backmapper, tmp_path):
     system.addForce(periodic)
     system.setDefaultPeriodicBoxVectors(*box)
     integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, DT_PS * u.picosecond)
+    integrator.setRandomNumberSeed(5)
     sim = app.Simulation(sim.topology, system, integrator, openmm.Platform.getPlatformByName("Reference"))
-    sim.context.setPositions(cg_setup[2] + [2.4, 0.0, 0.0])  # across the box edge: wrapped beads would split it
+    start = cg_setup[2] + [2.5 - cg_setup[2][:, 0].mean(), 0.0, 0.0]  # centred on the box edge: wrapping would split it
+    assert (start[:, 0] > 2.5).any() and (start[:, 0] < 2.5).any()
+    sim.context.setPositions(start)
     sim.context.setVelocitiesToTemperature(300 * u.kelvin, 2)
     reporter = BackmapReporter(tmp_path / "aa.dcd", INTERVAL, tiny_backmapper, mode="library",
                                live_pdb=tmp_path / "live.pdb")
