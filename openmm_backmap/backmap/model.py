@@ -19,7 +19,9 @@ rotations and translations of the whole unit without an equivariant network; wei
 of a kind, so a box of any size is backmapped by the same model with work linear in the number of molecules.
 The encoder (training only) also sees the current atoms and returns the posterior of ``z``.
 
-Inference draws ``z`` from a Gaussian mixture fitted to the encoder's posterior means (seed 003, §8.1.1) and
+Inference draws ``z`` from a Gaussian mixture fitted to the encoder's posterior means (seed 003, §8.1.1), or, with
+``latent_prior="conditional"``, from a mixture whose weights, means and widths are a function of the decoder's
+condition, fitted afterwards to the encoder's posteriors (see :meth:`KindModel.latent_distribution`), and
 backmaps autoregressively; the first AA frame comes from a library of training frames, picked per unit by the
 CG RMSD after optimal superposition (or given by the user).
 """
@@ -43,12 +45,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inference import BackmapChain
 
 FORMAT = "openmm-backmap/backmapper"
-FORMAT_VERSION = 1
+#: 2: ``latent_prior`` (conditional latent prior) in the architecture.
+FORMAT_VERSION = 2
+
+#: Bounds of the conditional prior's log standard deviations (in latent units).
+_PRIOR_LOG_STD = (-7.0, 2.0)
 
 #: Default architecture (constructor arguments of :class:`TemporalBackmapper`).
 DEFAULT_ARCHITECTURE = {"latent_dim": 16, "hidden": 256, "n_layers": 3, "condition_on_previous": True,
                         "length_scale_nm": 0.1, "environment_cutoff_nm": 0.0, "environment_neighbors": 96,
-                        "environment_dim": 64}
+                        "environment_dim": 64, "latent_prior": "mixture"}
 
 
 def _mlp(n_in: int, hidden: int, n_out: int, n_layers: int, zero_last: bool = False) -> nn.Sequential:
@@ -70,7 +76,8 @@ class KindModel(nn.Module):
 
     def __init__(self, n_atoms: int, n_beads: int, latent_dim: int, hidden: int, n_layers: int,
                  condition_on_previous: bool, n_mixture: int = 10, library_size: int = 0,
-                 environment_types: int = 0, environment_dim: int = 64, environment_cutoff: float = 0.0) -> None:
+                 environment_types: int = 0, environment_dim: int = 64, environment_cutoff: float = 0.0,
+                 latent_prior: str = "mixture") -> None:
         super().__init__()
         self.n_atoms, self.n_beads, self.latent_dim = n_atoms, n_beads, latent_dim
         self.condition_on_previous = condition_on_previous
@@ -84,6 +91,10 @@ class KindModel(nn.Module):
             n_cond += environment_dim
         self.encoder = _mlp(3 * n_atoms + n_cond, hidden, 2 * latent_dim, n_layers)
         self.decoder = _mlp(n_cond + latent_dim, hidden, 3 * n_atoms, n_layers, zero_last=True)
+        self.n_mixture = int(n_mixture)
+        # p(z | condition): mixture logits, means and log standard deviations (fitted after the VAE, see the trainer)
+        self.latent_prior = (_mlp(n_cond, hidden, n_mixture * (1 + 2 * latent_dim), 2, zero_last=True)
+                             if latent_prior == "conditional" else None)
         # Buffers filled by the trainer (templates, mixture, library) and saved with the weights.
         self.register_buffer("atom_template", torch.zeros(n_atoms, 3))
         self.register_buffer("bead_template", torch.zeros(n_beads, 3))
@@ -190,7 +201,35 @@ class KindModel(nn.Module):
         atoms = self.atom_template + scale * dev.view(-1, self.n_atoms, 3)
         return atoms + self.consistency @ (local_beads - self.bead_weights @ atoms)
 
-    def sample_latent(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def latent_distribution(self, cond: torch.Tensor):
+        """The conditional prior's mixture for each unit: log weights ``(U, K)``, means and log standard
+        deviations ``(U, K, latent_dim)`` (diagonal components)."""
+        if self.latent_prior is None:
+            raise ValueError("this model has no conditional latent prior")
+        out = self.latent_prior(self._squash(cond))
+        k, d = self.n_mixture, self.latent_dim
+        logits, means, log_std = out.split([k, k * d, k * d], dim=1)
+        log_std = log_std.view(-1, k, d).clamp(*_PRIOR_LOG_STD)
+        return torch.log_softmax(logits, dim=1), means.view(-1, k, d), log_std
+
+    def latent_log_prob(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Log density ``(U,)`` of latent vectors ``z`` under the conditional prior given ``cond``."""
+        log_w, means, log_std = self.latent_distribution(cond)
+        normal = -0.5 * (((z.unsqueeze(1) - means) / log_std.exp()) ** 2 + 2 * log_std + np.log(2 * np.pi))
+        return torch.logsumexp(log_w + normal.sum(dim=-1), dim=1)
+
+    def sample_latent(self, n: int, generator: torch.Generator, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``n`` latent vectors: from the conditional prior given ``cond`` ``(n, n_cond)`` if the model has one,
+        otherwise from the fitted mixture."""
+        if self.latent_prior is not None:
+            if cond is None:
+                raise ValueError("this model's latent prior is conditional: give the condition")
+            log_w, means, log_std = (t.double().cpu() for t in self.latent_distribution(cond))
+            comp = torch.multinomial(log_w.exp(), 1, generator=generator).squeeze(1)
+            rows = torch.arange(n)
+            eps = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
+            z = means[rows, comp] + log_std[rows, comp].exp() * eps
+            return z.to(cond.dtype)
         comp = torch.multinomial(self.mixture_weights.double().cpu(), n, replacement=True, generator=generator)
         eps = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
         tril = self.mixture_scale_tril.double().cpu()[comp]
@@ -252,6 +291,12 @@ class TemporalBackmapper(nn.Module):
         embedded into ``environment_dim`` features. ``0`` (default) switches it off (a single molecule).
     n_mixture, library_size
         Components of the latent Gaussian mixture; number of library frames per kind.
+    latent_prior
+        ``"mixture"`` (seed 003): ``z`` is drawn from one Gaussian mixture fitted to the encoder's posterior means,
+        the same for every unit and frame. ``"conditional"``: from a mixture of diagonal Gaussians whose
+        parameters an MLP computes from the decoder's condition (beads, previous frame, environment), fitted by
+        maximum likelihood to samples of the encoder's posteriors. It keeps ``z`` consistent with the previous
+        frame, which makes consecutive frames more coherent.
     lag_ps
         Time between the two frames of a training pair (ps), recorded so a reporter can warn on a mismatch.
     metadata
@@ -261,18 +306,21 @@ class TemporalBackmapper(nn.Module):
     def __init__(self, mapping, *, latent_dim: int = 16, hidden: int = 256, n_layers: int = 3,
                  condition_on_previous: bool = True, length_scale_nm: float = 0.1,
                  environment_cutoff_nm: float = 0.0, environment_neighbors: int = 96, environment_dim: int = 64,
-                 n_mixture: int = 10, library_size: int = 2000, lag_ps: float = 0.0,
-                 metadata: Optional[dict] = None) -> None:
+                 n_mixture: int = 10, library_size: int = 2000, latent_prior: str = "mixture",
+                 lag_ps: float = 0.0, metadata: Optional[dict] = None) -> None:
         super().__init__()
         self.mapping = mapping
         self.layout = UnitLayout(mapping)
         if environment_cutoff_nm < 0:
             raise ValueError(f"environment_cutoff_nm must be >= 0; got {environment_cutoff_nm}")
+        if latent_prior not in ("mixture", "conditional"):
+            raise ValueError(f"latent_prior must be 'mixture' or 'conditional'; got {latent_prior!r}")
         self.config = {"latent_dim": int(latent_dim), "hidden": int(hidden), "n_layers": int(n_layers),
                        "condition_on_previous": bool(condition_on_previous),
                        "length_scale_nm": float(length_scale_nm), "environment_cutoff_nm": float(environment_cutoff_nm),
                        "environment_neighbors": int(environment_neighbors), "environment_dim": int(environment_dim),
-                       "n_mixture": int(n_mixture), "library_size": int(library_size), "lag_ps": float(lag_ps)}
+                       "n_mixture": int(n_mixture), "library_size": int(library_size), "latent_prior": latent_prior,
+                       "lag_ps": float(lag_ps)}
         self.metadata = dict(metadata or {})
         self.environment_index: Optional[EnvironmentIndex] = None
         if environment_cutoff_nm > 0:
@@ -284,7 +332,8 @@ class TemporalBackmapper(nn.Module):
         n_types = self.environment_index.n_types if self.environment_index is not None else 0
         self.kinds = nn.ModuleList(
             KindModel(k.n_atoms, k.n_beads, latent_dim, hidden, n_layers, condition_on_previous, n_mixture,
-                      library_size, n_types, environment_dim, environment_cutoff_nm) for k in self.layout.kinds)
+                      library_size, n_types, environment_dim, environment_cutoff_nm, latent_prior)
+            for k in self.layout.kinds)
         hops = _hop_distances(mapping.aa_topology)
         for kind, model in zip(self.layout.kinds, self.kinds):
             model.bead_weights.copy_(torch.as_tensor(kind.weights))
@@ -399,7 +448,7 @@ class TemporalBackmapper(nn.Module):
             dtype = model.atom_template.dtype
             env = self.environment(k, origin, rot, beads, previous if model.condition_on_previous else None, box)
             cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale, env)
-            z = model.sample_latent(len(ub), generator)
+            z = model.sample_latent(len(ub), generator, cond)
             local = model.decode(cond, z, self.length_scale, lb.to(dtype)).to(beads.dtype)
             self.scatter(k, out, origin.unsqueeze(1) + local @ rot.transpose(-1, -2))
         return out

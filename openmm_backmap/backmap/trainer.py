@@ -134,6 +134,8 @@ class BackmapperTrainer:
         unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown loss_weights keys {sorted(unknown)}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+        if (architecture or {}).get("latent_prior", "mixture") not in ("mixture", "conditional"):
+            raise ValueError(f"latent_prior must be 'mixture' or 'conditional'; got {architecture['latent_prior']!r}")
         self.mapping, self.dataset, self.energy = mapping, dataset, energy
         self.stride, self.lag_frames = int(stride), int(lag_frames)
         self.architecture = {**DEFAULT_ARCHITECTURE, **(architecture or {})}
@@ -463,6 +465,8 @@ class BackmapperTrainer:
                 break
         model.load_state_dict(best_state)
         self._fit_mixture(model, data, train, rng)
+        if model.config["latent_prior"] == "conditional":
+            self._fit_latent_prior(model, data, train, val, rng)
         self._fill_library(model, data, train_part, rng)
         test_terms = self._evaluate(model, energy, data, test, ref_energy, kT) if len(test) else {}
         model.metadata.update({
@@ -508,6 +512,109 @@ class BackmapperTrainer:
             kind.mixture_weights.copy_(torch.as_tensor(weights))
             kind.mixture_means.copy_(torch.as_tensor(means))
             kind.mixture_scale_tril.copy_(torch.as_tensor(tril))
+
+    def fit_latent_prior(self, backmapper: TemporalBackmapper) -> TemporalBackmapper:
+        """A copy of a trained ``backmapper`` with a conditional latent prior (``latent_prior="conditional"``)
+        fitted on this trainer's training pairs; encoder, decoder, templates and library are unchanged.
+
+        This upgrades a model trained with the default mixture prior without training it again. Give the trainer
+        the data, ``stride``, ``lag_frames``, ``max_frames``, ``split``, ``n_blocks`` and ``seed`` the model was
+        trained with (its ``metadata``), so that the prior is fitted on the same training pairs.
+        """
+        backmapper.check_mapping(self.mapping)
+        data = self._load()
+        if backmapper.lag_ps and abs(data["lag_ps"] - backmapper.lag_ps) > 1e-3 * backmapper.lag_ps:
+            raise ValueError(f"the trainer's pairs are {data['lag_ps']:g} ps apart but the backmapper was trained "
+                             f"on {backmapper.lag_ps:g} ps; use the same stride and lag_frames")
+        model = TemporalBackmapper(self.mapping, metadata=dict(backmapper.metadata),
+                                   **{**backmapper.config, "latent_prior": "conditional"})
+        state = backmapper.state_dict()
+        for k, kind in enumerate(model.kinds):  # library sizes differ per kind
+            for name in ("library_atoms", "library_beads"):
+                setattr(kind, name, torch.zeros_like(state[f"kinds.{k}.{name}"]))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or any(".latent_prior." not in key for key in result.missing_keys):
+            raise ValueError(f"incompatible backmapper state: {result}")
+        self._atoms = model.atom_indices
+        rng = np.random.default_rng(self.seed)
+        train = self._starts(data["parts"][0], data["block_of"], 0)
+        val = self._starts(data["parts"][1], data["block_of"], 0)
+        if min(len(train), len(val)) == 0:
+            raise ValueError("no training or validation pairs: use more frames, fewer blocks or a shorter lag")
+        self._fit_latent_prior(model, data, train, val, rng)
+        model.eval()
+        return model
+
+    def _posterior_samples(self, model, data, starts, max_units, rng, generator):
+        """Per kind: conditions ``(N, n_cond)``, posterior means and log variances ``(N, latent_dim)`` of the units
+        of at most ``max_units`` units' worth of frames drawn from ``starts`` (previous frames noised as in
+        training)."""
+        per_frame = sum(int(idx.shape[0]) for idx in model._unit_atoms)
+        pick = np.sort(rng.choice(starts, size=min(len(starts), max(1, max_units // per_frame)), replace=False))
+        out: list[list[list[torch.Tensor]]] = [[[], [], []] for _ in model.kinds]
+        with torch.no_grad():
+            for start in range(0, len(pick), 256):
+                batch = self._batch(data, pick[start:start + 256], 0, None, {"values": None})
+                previous = batch["previous"]
+                if self.previous_noise_nm and model.condition_on_previous:
+                    previous = previous + self.previous_noise_nm * torch.randn(previous.shape, generator=generator,
+                                                                               dtype=previous.dtype)
+                for k, kind in enumerate(model.kinds):
+                    _, _, lb, lp, lt, env = self._unit_batch(model, k, batch["beads"][0], previous,
+                                                             batch["targets"][0], batch["box"], generator)
+                    cond = kind.condition(lb.float(), lp.float() if kind.condition_on_previous else None,
+                                          model.length_scale, env)
+                    mu, logvar = kind.encode(lt.float(), cond, model.length_scale)
+                    for slot, value in zip(out[k], (cond, mu, logvar)):
+                        slot.append(value)
+        return [tuple(torch.cat(slot) for slot in kind_out) for kind_out in out]
+
+    def _fit_latent_prior(self, model, data, train, val, rng, max_units: int = 200_000, max_epochs: int = 200,
+                          patience: int = 5) -> None:
+        """Fit every kind's conditional prior p(z | condition) by maximum likelihood to samples of the encoder's
+        posteriors q(z | atoms, condition) on training pairs (fresh samples every epoch); the epoch with the
+        lowest validation negative log-likelihood is kept. Only the prior's weights change."""
+        from tqdm.auto import tqdm
+
+        generator = torch.Generator().manual_seed(self.seed + 7)
+        model.eval()
+        sets = {"train": self._posterior_samples(model, data, train, max_units, rng, generator),
+                "val": self._posterior_samples(model, data, val, max(1000, max_units // 10), rng, generator)}
+        nll_log = []
+        for k, kind in enumerate(model.kinds):
+            prior = kind.latent_prior
+            optimizer = torch.optim.Adam(prior.parameters(), lr=1e-3)
+            (cond, mu, logvar), (v_cond, v_mu, v_logvar) = sets["train"][k], sets["val"][k]
+            v_z = v_mu + torch.exp(0.5 * v_logvar) * torch.randn(v_mu.shape, generator=generator)
+            best, stale = math.inf, 0
+            best_state = {n: t.clone() for n, t in prior.state_dict().items()}
+            bar = tqdm(range(max_epochs), desc=f"latent prior, kind {k}", unit="epoch", disable=not self.progress)
+            for epoch in bar:
+                prior.train()
+                z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
+                order = torch.randperm(len(z), generator=generator)
+                for b in range(0, len(z), 1024):
+                    idx = order[b:b + 1024]
+                    loss = -kind.latent_log_prob(z[idx], cond[idx]).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(prior.parameters(), 10.0)
+                    optimizer.step()
+                prior.eval()
+                with torch.no_grad():
+                    nll = float(torch.cat([-kind.latent_log_prob(v_z[b:b + 8192], v_cond[b:b + 8192])
+                                           for b in range(0, len(v_z), 8192)]).mean())
+                bar.set_postfix(val_nll=f"{nll:.3f}")
+                if nll < best:
+                    best, stale = nll, 0
+                    best_state = {n: t.clone() for n, t in prior.state_dict().items()}
+                else:
+                    stale += 1
+                    if stale >= patience:
+                        break
+            prior.load_state_dict(best_state)
+            nll_log.append({"kind": k, "val_nll": best, "train_units": int(len(cond)), "epochs": epoch + 1})
+        model.metadata["latent_prior_fit"] = nll_log
 
     def _fill_library(self, model, data, train_part, rng) -> None:
         pick = np.sort(rng.choice(train_part, size=min(len(train_part), self.library_size), replace=False))
