@@ -711,7 +711,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train-backmapper": {"data": None, "preset": None, "mapping": None, "out": "backmapper.pt", "lag_ps": 1.0,
                          "epochs": 50, "batch_size": 128, "lr": 1e-3, "patience": 10, "max_frames": None,
                          "frame_based": False, "no_energy": False, "hidden": 256, "environment_cutoff_nm": 0.0,
-                         "latent_prior": "mixture", "seed": 0, "resume": False,
+                         "latent_prior": "conditional", "seed": 0, "resume": False,
                          "overwrite": False, "threads": 1},
     "run": {"potential": None, "backmapper": None, "data": None, "start_frame": 0, "out": "cg_run", "ns": 0.1,
             "timestep_fs": 4.0, "temperature": 300.0, "friction": 1.0, "interval": None, "backend": "torch",
@@ -896,7 +896,7 @@ def _parser() -> argparse.ArgumentParser:
                         "within this distance in nm, e.g. 0.6 (default: 0, off)")
     p.add_argument("--latent-prior", dest="latent_prior", choices=("mixture", "conditional"),
                    help="where z comes from at inference: one Gaussian mixture for all molecules (seed 003), or "
-                        "a mixture conditioned on the beads, previous frame and environment (default: mixture)")
+                        "a mixture conditioned on the beads, previous frame and environment (default: conditional)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT-stem.checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -162,8 +162,23 @@ def test_chain_draws_from_the_conditional_prior(conditional_backmapper, adp_aa_d
     assert np.abs(loaded.backmap_trajectory(cg, seed=2, first_frame_nm=aa[0])[1:] - out[1:]).max() > 1e-3
 
 
-def test_version_1_files_load_as_mixture_models(tiny_backmapper, tmp_path):
+@pytest.fixture(scope="module")
+def mixture_backmapper(adp_aa_data, adp_mapping):
+    trainer = BackmapperTrainer(adp_mapping, adp_aa_data[1], max_epochs=2, batch_size=64, library_size=50,
+                                architecture={**ARCH, "latent_prior": "mixture"}, n_blocks=5, energy=None,
+                                progress=False, seed=1)
+    return trainer.fit()
+
+
+def test_the_default_prior_is_conditional(tiny_backmapper):
+    assert tiny_backmapper.config["latent_prior"] == "conditional"
+    assert tiny_backmapper.kinds[0].latent_prior is not None
+
+
+def test_version_1_files_load_as_mixture_models(mixture_backmapper, tmp_path):
     """Files written before the conditional prior existed (format version 1, no ``latent_prior``) still load."""
+    tiny_backmapper = mixture_backmapper
+    assert tiny_backmapper.kinds[0].latent_prior is None and "latent_prior_fit" not in tiny_backmapper.metadata
     path = tmp_path / "bm.pt"
     tiny_backmapper.save(path)
     blob = torch.load(path, weights_only=True)
@@ -193,7 +208,8 @@ def test_bad_prior_settings_are_refused(adp_aa_data, adp_mapping):
         mixture.latent_distribution(torch.zeros(1, 18))
 
 
-def test_a_mixture_model_gets_a_conditional_prior_without_retraining(tiny_backmapper, adp_aa_data, adp_mapping):
+def test_a_mixture_model_gets_a_conditional_prior_without_retraining(mixture_backmapper, adp_aa_data, adp_mapping):
+    tiny_backmapper = mixture_backmapper
     trainer = BackmapperTrainer(adp_mapping, adp_aa_data[1], n_blocks=5, energy=None, progress=False, seed=1)
     upgraded = trainer.fit_latent_prior(tiny_backmapper)
     assert upgraded.config["latent_prior"] == "conditional" and tiny_backmapper.config["latent_prior"] == "mixture"

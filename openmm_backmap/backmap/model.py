@@ -19,11 +19,12 @@ rotations and translations of the whole unit without an equivariant network; wei
 of a kind, so a box of any size is backmapped by the same model with work linear in the number of molecules.
 The encoder (training only) also sees the current atoms and returns the posterior of ``z``.
 
-Inference draws ``z`` from a Gaussian mixture fitted to the encoder's posterior means (seed 003, §8.1.1), or, with
-``latent_prior="conditional"``, from a mixture whose weights, means and widths are a function of the decoder's
-condition, fitted afterwards to the encoder's posteriors (see :meth:`KindModel.latent_distribution`), and
-backmaps autoregressively; the first AA frame comes from a library of training frames, picked per unit by the
-CG RMSD after optimal superposition (or given by the user).
+Inference draws ``z`` from a mixture whose weights, means and widths are a function of the decoder's condition,
+fitted after training to the encoder's posteriors (``latent_prior="conditional"``, the default; see
+:meth:`KindModel.latent_distribution`), or, as in seed 003 §8.1.1, from one Gaussian mixture fitted to the
+encoder's posterior means (``latent_prior="mixture"``), and backmaps autoregressively; the first AA frame comes
+from a library of training frames, picked per unit by the CG RMSD after optimal superposition (or given by the
+user).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ _PRIOR_LOG_STD = (-7.0, 2.0)
 #: Default architecture (constructor arguments of :class:`TemporalBackmapper`).
 DEFAULT_ARCHITECTURE = {"latent_dim": 16, "hidden": 256, "n_layers": 3, "condition_on_previous": True,
                         "length_scale_nm": 0.1, "environment_cutoff_nm": 0.0, "environment_neighbors": 96,
-                        "environment_dim": 64, "latent_prior": "mixture"}
+                        "environment_dim": 64, "latent_prior": "conditional"}
 
 
 def _mlp(n_in: int, hidden: int, n_out: int, n_layers: int, zero_last: bool = False) -> nn.Sequential:
@@ -292,11 +293,10 @@ class TemporalBackmapper(nn.Module):
     n_mixture, library_size
         Components of the latent Gaussian mixture; number of library frames per kind.
     latent_prior
-        ``"mixture"`` (seed 003): ``z`` is drawn from one Gaussian mixture fitted to the encoder's posterior means,
-        the same for every unit and frame. ``"conditional"``: from a mixture of diagonal Gaussians whose
-        parameters an MLP computes from the decoder's condition (beads, previous frame, environment), fitted by
-        maximum likelihood to samples of the encoder's posteriors. It keeps ``z`` consistent with the previous
-        frame, which makes consecutive frames more coherent.
+        ``"conditional"`` (default): ``z`` is drawn from a mixture of diagonal Gaussians whose parameters an MLP
+        computes from the decoder's condition (beads, previous frame, environment), fitted by maximum likelihood
+        to samples of the encoder's posteriors after training. ``"mixture"`` (seed 003): from one Gaussian
+        mixture fitted to the encoder's posterior means, the same for every unit and frame.
     lag_ps
         Time between the two frames of a training pair (ps), recorded so a reporter can warn on a mismatch.
     metadata
@@ -306,7 +306,7 @@ class TemporalBackmapper(nn.Module):
     def __init__(self, mapping, *, latent_dim: int = 16, hidden: int = 256, n_layers: int = 3,
                  condition_on_previous: bool = True, length_scale_nm: float = 0.1,
                  environment_cutoff_nm: float = 0.0, environment_neighbors: int = 96, environment_dim: int = 64,
-                 n_mixture: int = 10, library_size: int = 2000, latent_prior: str = "mixture",
+                 n_mixture: int = 10, library_size: int = 2000, latent_prior: str = "conditional",
                  lag_ps: float = 0.0, metadata: Optional[dict] = None) -> None:
         super().__init__()
         self.mapping = mapping
@@ -528,7 +528,8 @@ class TemporalBackmapper(nn.Module):
         try:
             topology = topology_from_json(header["aa_topology"])
             stored = CGMapping.from_yaml(header["mapping_yaml"], topology, source=str(path))
-            model = cls(stored, metadata=header.get("metadata"), **header["config"])
+            config = {"latent_prior": "mixture", **header["config"]}  # version 1 had only the mixture
+            model = cls(stored, metadata=header.get("metadata"), **config)
             for k, kind in enumerate(model.kinds):  # library sizes differ per kind
                 for name in ("library_atoms", "library_beads"):
                     setattr(kind, name, torch.zeros_like(state[f"kinds.{k}.{name}"]))
