@@ -340,3 +340,28 @@ def test_energy_loss_is_huber_near_agreement_and_bounded_for_clashes():
     below = float(_robust_energy_loss(torch.tensor([50.0 - 1e-6]), 1.0))
     above = float(_robust_energy_loss(torch.tensor([50.0 + 1e-6]), 1.0))
     assert abs(above - below) < 1e-5
+
+
+def test_sample_draws_different_valid_frames_for_one_cg_frame(tiny_backmapper, adp_aa_data, adp_mapping):
+    aa, cg = _frames(adp_aa_data, adp_mapping, n=2)
+    samples = tiny_backmapper.sample(cg[1], aa[0], n=50, seed=4)
+    assert samples.shape == (50, 22, 3)
+    np.testing.assert_allclose(adp_mapping.map_positions(samples), np.broadcast_to(cg[1], (50, 6, 3)), atol=1e-5)
+    placed = np.flatnonzero(adp_mapping.position_matrix.max(axis=0) == 0)  # atoms no bead pins down
+    spread = samples[:, placed].std(axis=0).max(axis=-1)
+    assert spread.max() > 1e-3  # stochastic: the latent draws give different frames
+    bonds = np.array([[b[0].index, b[1].index] for b in adp_mapping.aa_topology.bonds])
+    ref = np.linalg.norm(aa[1][bonds[:, 0]] - aa[1][bonds[:, 1]], axis=-1)
+    lengths = np.linalg.norm(samples[:, bonds[:, 0]] - samples[:, bonds[:, 1]], axis=-1)
+    assert np.median(np.abs(lengths / ref - 1)) < 0.1  # valid: bonded atoms stay at bond lengths
+    np.testing.assert_array_equal(tiny_backmapper.sample(cg[1], aa[0], n=50, seed=4), samples)
+    # one sample is one chain step from the same previous frame
+    chain = tiny_backmapper.chain(seed=4)
+    chain.previous = aa[0]
+    np.testing.assert_allclose(tiny_backmapper.sample(cg[1], aa[0], n=1, seed=4)[0], chain.step(cg[1]), atol=1e-12)
+    with pytest.raises(ValueError, match="previous"):
+        tiny_backmapper.sample(cg[1])
+    with pytest.raises(ValueError, match="one CG frame"):
+        tiny_backmapper.sample(cg, aa[0])
+    with pytest.raises(ValueError, match="n must"):
+        tiny_backmapper.sample(cg[1], aa[0], n=0)

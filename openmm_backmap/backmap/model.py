@@ -471,6 +471,48 @@ class TemporalBackmapper(nn.Module):
 
         return BackmapChain(self, seed=seed, n_replicas=n_replicas, mode=mode, relax=relax)
 
+    def sample(self, cg_positions_nm: Any, previous_aa_positions_nm: Any = None, n: int = 1, *,
+               box_vectors_nm: Any = None, seed: int = 0) -> np.ndarray:
+        """``n`` independent AA frames for one CG frame: one step of the chain, with ``n`` latent draws.
+
+        Parameters
+        ----------
+        cg_positions_nm
+            The current CG frame, ``(n_beads, 3)`` nm.
+        previous_aa_positions_nm
+            The AA frame one lag earlier, ``(n_atoms, 3)`` nm (the backmapped atoms, :attr:`atom_indices`).
+            Required by a temporal model; a frame-based model ignores it.
+        n
+            Number of samples.
+        box_vectors_nm
+            ``(3, 3)`` box vectors (rows) in nm for a periodic system.
+        seed
+            Seed of the latent draws.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, n_atoms, 3)`` nm.
+        """
+        from .._validation import as_coordinates
+        from .inference import BackmapChain
+
+        if int(n) < 1:
+            raise ValueError(f"n must be >= 1; got {n}")
+        cg = as_coordinates(cg_positions_nm, self.n_beads, name="CG positions")
+        if cg.ndim != 2:
+            raise ValueError(f"sample() takes one CG frame (n_beads, 3); got shape {cg.shape}")
+        chain = BackmapChain(self, seed=seed, n_replicas=int(n))
+        if self.condition_on_previous:
+            if previous_aa_positions_nm is None:
+                raise ValueError("this backmapper is conditioned on the previous AA frame: give "
+                                 "previous_aa_positions_nm (or use chain(), which starts from its library)")
+            chain.previous = previous_aa_positions_nm
+        else:
+            chain.previous = np.zeros((self.n_atoms, 3))  # not read by a frame-based model
+        box = None if box_vectors_nm is None else np.broadcast_to(np.asarray(box_vectors_nm, dtype=float), (n, 3, 3))
+        return chain.step(np.broadcast_to(cg, (int(n), *cg.shape)), box)
+
     def backmap_trajectory(self, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
                            first_frame_nm: Any = None, mode: str = "model", relax: Any = None,
                            progress: bool = False) -> np.ndarray:
