@@ -517,7 +517,8 @@ class BackmapperTrainer:
         """A copy of a trained ``backmapper`` with a conditional latent prior (``latent_prior="conditional"``)
         fitted on this trainer's training pairs; encoder, decoder, templates and library are unchanged.
 
-        This upgrades a model trained with the default mixture prior without training it again. Give the trainer
+        This upgrades a model trained with ``latent_prior="mixture"`` (every file of format version 1 is one) without
+        training it again, or refits the prior of a conditional one. Give the trainer
         the data, ``stride``, ``lag_frames``, ``max_frames``, ``split``, ``n_blocks`` and ``seed`` the model was
         trained with (its ``metadata``), so that the prior is fitted on the same training pairs.
         """
