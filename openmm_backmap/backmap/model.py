@@ -508,10 +508,7 @@ class TemporalBackmapper(nn.Module):
                 raise ValueError("this backmapper is conditioned on the previous AA frame: give "
                                  "previous_aa_positions_nm (or use chain(), which starts from its library)")
             chain.previous = previous_aa_positions_nm
-        else:
-            chain.previous = np.zeros((self.n_atoms, 3))  # not read by a frame-based model
-        box = None if box_vectors_nm is None else np.broadcast_to(np.asarray(box_vectors_nm, dtype=float), (n, 3, 3))
-        return chain.step(np.broadcast_to(cg, (int(n), *cg.shape)), box)
+        return chain.step(np.broadcast_to(cg, (int(n), *cg.shape)), box_vectors_nm)
 
     def backmap_trajectory(self, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
                            first_frame_nm: Any = None, mode: str = "model", relax: Any = None,

@@ -484,21 +484,11 @@ class BackmapperTrainer:
     def _fit_mixture(self, model, data, train, rng) -> None:
         from sklearn.mixture import GaussianMixture
 
-        pick = np.sort(rng.choice(train, size=min(len(train), 20000), replace=False))
-        mus: list[list[torch.Tensor]] = [[] for _ in model.kinds]
+        per_frame = sum(int(idx.shape[0]) for idx in model._unit_atoms)
         generator = torch.Generator().manual_seed(self.seed)
-        model.eval()
-        with torch.no_grad():
-            for start in range(0, len(pick), 1024):
-                batch = self._batch(data, pick[start:start + 1024], 0, None, {"values": None})
-                for k, kind in enumerate(model.kinds):
-                    _, _, lb, lp, lt, env = self._unit_batch(model, k, batch["beads"][0], batch["previous"],
-                                                             batch["targets"][0], batch["box"], generator)
-                    cond = kind.condition(lb.float(), lp.float() if kind.condition_on_previous else None,
-                                          model.length_scale, env)
-                    mus[k].append(kind.encode(lt.float(), cond, model.length_scale)[0])
+        samples = self._posterior_samples(model, data, train, 20000 * per_frame, rng, generator, noise=False)
         for k, kind in enumerate(model.kinds):
-            mu = torch.cat(mus[k]).double().numpy()
+            mu = samples[k][1].double().numpy()
             mu = mu[rng.choice(len(mu), size=min(len(mu), 50000), replace=False)]
             n_comp = min(self.n_mixture, len(mu))
             gmm = GaussianMixture(n_components=n_comp, covariance_type="full", reg_covar=1e-5,
@@ -546,18 +536,19 @@ class BackmapperTrainer:
         model.eval()
         return model
 
-    def _posterior_samples(self, model, data, starts, max_units, rng, generator):
+    def _posterior_samples(self, model, data, starts, max_units, rng, generator, noise: bool = True):
         """Per kind: conditions ``(N, n_cond)``, posterior means and log variances ``(N, latent_dim)`` of the units
-        of at most ``max_units`` units' worth of frames drawn from ``starts`` (previous frames noised as in
-        training)."""
+        of at most ``max_units`` units' worth of frames drawn from ``starts`` (with ``noise``, previous frames
+        noised as in training)."""
         per_frame = sum(int(idx.shape[0]) for idx in model._unit_atoms)
         pick = np.sort(rng.choice(starts, size=min(len(starts), max(1, max_units // per_frame)), replace=False))
         out: list[list[list[torch.Tensor]]] = [[[], [], []] for _ in model.kinds]
+        model.eval()
         with torch.no_grad():
             for start in range(0, len(pick), 256):
                 batch = self._batch(data, pick[start:start + 256], 0, None, {"values": None})
                 previous = batch["previous"]
-                if self.previous_noise_nm and model.condition_on_previous:
+                if noise and self.previous_noise_nm and model.condition_on_previous:
                     previous = previous + self.previous_noise_nm * torch.randn(previous.shape, generator=generator,
                                                                                dtype=previous.dtype)
                 for k, kind in enumerate(model.kinds):
