@@ -4,11 +4,13 @@ Training data: the 20 ns AA reference of ``bench_cg_alanine`` (amber14 + OBC2, 3
 every 1 ps as in seed 003). Test data: an independent 10 ns AA trajectory (other seed), one frame per ps, mapped to
 the backbone-cb CG frames and backmapped autoregressively from its first CG frame (≥ 10 000 frames). Compared:
 
-* ``temporal``: the VAE conditioned on the previous AA frame (our model);
+* ``temporal``: the VAE conditioned on the previous AA frame (our model, with its default conditional latent prior);
 * ``frame``: the same model class without the previous frame (frame-based baseline);
 * ``library``: every frame the library frame with the lowest CG RMSD after superposition (the thesis's lookup);
-* ``temporal, cond.`` and ``frame, cond.``: the same two models with the conditional latent prior fitted post hoc
-  (``BackmapperTrainer.fit_latent_prior``) instead of the seed's single mixture.
+* ``temporal, mixture`` and ``frame, mixture``: the same two trained networks drawing ``z`` from seed 003's single
+  latent mixture instead. The networks are trained once with ``latent_prior="mixture"``; the default models are
+  these with the conditional prior fitted afterwards (``BackmapperTrainer.fit_latent_prior``), which is what
+  ``fit()`` gives.
 
 Metrics (DESIGN.md): bond score, clash score, AA energy distribution JSD and mean shift (the user's own System via
 AAEnergy), φ/ψ FES JSD (36×36), intra-frame velocity JSD (seed 003 eq. 8.9), slowest MSM implied timescale with
@@ -214,33 +216,33 @@ def main() -> None:
                        ("frame", {"condition_on_previous": False, "latent_prior": "mixture"})):
         path = work / f"backmapper_{name}.pt"
         if path.exists() and not args.retrain and not args.quick:
-            models[name] = TemporalBackmapper.load(path, mapping)
+            models[f"{name}, mixture"] = TemporalBackmapper.load(path, mapping)
             continue
         t0 = time.perf_counter()
         trainer = BackmapperTrainer(mapping, train_path, stride=5, architecture=arch, max_epochs=args.epochs,
                                     patience=8, log=work / f"training_{name}.csv", seed=0,
                                     max_frames=2000 if args.quick else None)
-        models[name] = trainer.fit()
+        models[f"{name}, mixture"] = trainer.fit()
         timings[f"train_{name}_s"] = time.perf_counter() - t0
         if not args.quick:
-            models[name].save(path)
+            models[f"{name}, mixture"].save(path)
     for name in ("temporal", "frame"):  # the conditional latent prior, fitted to the same trained networks
         path = work / f"backmapper_{name}_conditional.pt"
         if path.exists() and not args.retrain and not args.quick:
-            models[f"{name}, cond."] = TemporalBackmapper.load(path, mapping)
+            models[name] = TemporalBackmapper.load(path, mapping)
             continue
         trainer = BackmapperTrainer(mapping, train_path, stride=5, seed=0, max_frames=2000 if args.quick else None)
-        models[f"{name}, cond."] = trainer.fit_latent_prior(models[name])
+        models[name] = trainer.fit_latent_prior(models[f"{name}, mixture"])
         if not args.quick:
-            models[f"{name}, cond."].save(path)
+            models[name].save(path)
     print(f"training lag {models['temporal'].lag_ps:g} ps, test frames {len(cg)} every {lag_ps:g} ps")
 
     # -- backmapping ---------------------------------------------------------------------------------------
     xyz, results = {}, {}
     for name, model, mode in (("temporal", models["temporal"], "model"), ("frame", models["frame"], "model"),
                               ("library", models["temporal"], "library"),
-                              ("temporal, cond.", models["temporal, cond."], "model"),
-                              ("frame, cond.", models["frame, cond."], "model")):
+                              ("temporal, mixture", models["temporal, mixture"], "model"),
+                              ("frame, mixture", models["frame, mixture"], "model")):
         t0 = time.perf_counter()
         xyz[name] = model.backmap_trajectory(cg, seed=1, mode=mode, progress=True)
         timings[f"backmap_{name}_ms_per_frame"] = 1e3 * (time.perf_counter() - t0) / len(cg)
@@ -252,7 +254,7 @@ def main() -> None:
     ratio = results["temporal"]["velocity_jsd"] / max(results["frame"]["velocity_jsd"], 1e-12)
     ratio_lib = results["temporal"]["velocity_jsd"] / max(results["library"]["velocity_jsd"], 1e-12)
     local_ratio = results["temporal"]["local_velocity_jsd"] / max(results["frame"]["local_velocity_jsd"], 1e-12)
-    ratio_cond = results["temporal, cond."]["velocity_jsd"] / max(results["frame, cond."]["velocity_jsd"], 1e-12)
+    ratio_mixture = results["temporal, mixture"]["velocity_jsd"] / max(results["frame, mixture"]["velocity_jsd"], 1e-12)
     np.savez_compressed(work / "backmapped_test.npz", **{k: v.astype(np.float32) for k, v in xyz.items()})
 
     # -- generalization set: CG simulation with the force-matched potential ------------------------------
@@ -280,13 +282,13 @@ def main() -> None:
     record = {"train_data": str(train_path), "train_ns": 20.0, "test_frames": int(len(cg)), "lag_ps": lag_ps,
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()}, "results": clean,
               "velocity_jsd_ratio_vs_frame": ratio, "velocity_jsd_ratio_vs_library": ratio_lib,
-              "local_velocity_jsd_ratio_vs_frame": local_ratio, "velocity_jsd_ratio_conditional": ratio_cond,
+              "local_velocity_jsd_ratio_vs_frame": local_ratio, "velocity_jsd_ratio_mixture": ratio_mixture,
               "velocity_jsd_reference_halves": velocity_noise,
               "timings": timings, "quick": args.quick}
     rows = []
     for key, (op, target) in TARGETS.items():
         cells = []
-        for name in ("temporal", "frame", "library", "temporal, cond.", "frame, cond.", "generalization"):
+        for name in ("temporal", "frame", "library", "temporal, mixture", "frame, mixture", "generalization"):
             if name in clean:
                 cells.append(f"{clean[name][key]:.4g}")
         rows.append(f"| {key} | {op.replace('abs', '|x| ')} {target:g} | " + " | ".join(cells) + " |")
@@ -297,26 +299,26 @@ def main() -> None:
         f"independent {args.test_ns:g} ns trajectory ({len(cg)} frames) backmapped autoregressively from its first "
         f"CG frame. `generalization`: {results.get('generalization', {}).get('cg_frames', 0)} frames of CG MD with "
         f"the force-matched potential (4 replicas), backmapped by the temporal model.\n\n"
-        "| metric | target | temporal | frame-based | library | temporal, cond. prior | frame-based, cond. prior | "
+        "| metric | target | temporal | frame-based | library | temporal, seed's mixture | frame-based, seed's mixture | "
         "generalization |\n|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n"
         f"| intra-frame velocity JSD | ≤ ⅓ of frame-based | {t['velocity_jsd']:.4f} | "
         f"{clean['frame']['velocity_jsd']:.4f} | {clean['library']['velocity_jsd']:.4f} | "
-        f"{clean['temporal, cond.']['velocity_jsd']:.4f} | {clean['frame, cond.']['velocity_jsd']:.4f} | – |\n"
+        f"{clean['temporal, mixture']['velocity_jsd']:.4f} | {clean['frame, mixture']['velocity_jsd']:.4f} | – |\n"
         f"| intra-frame speed JSD, rigid-body motion removed | (diagnostic) | {t['local_velocity_jsd']:.4f} | "
         f"{clean['frame']['local_velocity_jsd']:.4f} | {clean['library']['local_velocity_jsd']:.4f} | "
-        f"{clean['temporal, cond.']['local_velocity_jsd']:.4f} | {clean['frame, cond.']['local_velocity_jsd']:.4f} | – |\n"
+        f"{clean['temporal, mixture']['local_velocity_jsd']:.4f} | {clean['frame, mixture']['local_velocity_jsd']:.4f} | – |\n"
         f"| slowest implied timescale (ps) | in ref. 95% CI [{clean['reference']['ci_ps'][0]:.0f}, "
         f"{clean['reference']['ci_ps'][1]:.0f}] | {t['slowest_timescale_ps']:.0f} | "
         f"{clean['frame']['slowest_timescale_ps']:.0f} | {clean['library']['slowest_timescale_ps']:.0f} | "
-        f"{clean['temporal, cond.']['slowest_timescale_ps']:.0f} | {clean['frame, cond.']['slowest_timescale_ps']:.0f} | – |\n"
+        f"{clean['temporal, mixture']['slowest_timescale_ps']:.0f} | {clean['frame, mixture']['slowest_timescale_ps']:.0f} | – |\n"
         f"| drift (last−first 10 % mean E, kJ/mol; must be ≤ σ) | ≤ {t['drift']['std_kj_mol']:.0f} | "
         f"{t['drift']['last_mean_kj_mol'] - t['drift']['first_mean_kj_mol']:+.1f} | "
         f"{clean['frame']['drift']['last_mean_kj_mol'] - clean['frame']['drift']['first_mean_kj_mol']:+.1f} | – | "
         + " | ".join(f"{clean[n]['drift']['last_mean_kj_mol'] - clean[n]['drift']['first_mean_kj_mol']:+.1f}"
-                     for n in ("temporal, cond.", "frame, cond.")) + " | – |\n\n"
+                     for n in ("temporal, mixture", "frame, mixture")) + " | – |\n\n"
         f"Velocity-JSD ratio temporal/frame-based = {ratio:.3f} (target ≤ 0.333); temporal/library = {ratio_lib:.3f}; "
-        f"with the conditional prior on both, {ratio_cond:.3f}; "
+        f"with seed 003's single latent mixture on both, {ratio_mixture:.3f}; "
         f"with the rigid-body motion removed (non-bead atoms after superposing consecutive frames on the beads) "
         f"temporal/frame-based = {local_ratio:.3f}. Sampling noise of the velocity JSD: the first half of the AA "
         f"test trajectory against the second gives {velocity_noise:.4f}, so values near it cannot be told apart. "

@@ -183,7 +183,7 @@ class KindModel(nn.Module):
         return (self.environment(feats) * env.weight.to(dtype).unsqueeze(-1)).sum(dim=1) / 8.0
 
     #: Inputs are squashed smoothly into ±CLAMP (in units of the length scale) so that no input, however far
-    #: off, gives an unbounded output: with the contracting direct path this bounds every autoregressive rollout.
+    #: off, gives an unbounded output, which bounds every autoregressive rollout.
     CLAMP = 20.0
 
     def _squash(self, x: torch.Tensor) -> torch.Tensor:
