@@ -514,8 +514,12 @@ def test_multimodal_angle_gets_a_cosine_series_that_reproduces_its_distribution(
     assert p[(grid > 1.5) & (grid < 2.3)].sum() == pytest.approx(30_000 / 80_000, abs=0.03)
     assert abs(grid[np.argmax(np.where(grid < 2.3, p, 0))] - 1.9) < 0.05
     assert abs(grid[np.argmax(np.where(grid > 2.3, p, 0))] - 2.7) < 0.05
-    # never-seen angles sit on the wall, about 10 kT above the minimum
+    # never-seen angles sit on a wall at least 10 kT above the minimum that keeps rising away from the data
+    # (a flat wall exerts no force: a molecule that crossed it would stay)
     assert energy[grid < 1.0].min() - energy.min() > 8 * KT
+    below = (grid > 0.3) & (grid < 1.2)
+    slope = np.polyfit(grid[below], energy[below], 1)[0]
+    assert slope < -10 * KT
     # and the fit survives save/load and transfer like the other bonded priors
     rebuilt = prior_from_dict(prior_to_dict(priors[0]))
     np.testing.assert_allclose(_energy(rebuilt, pts), energy)
