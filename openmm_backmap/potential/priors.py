@@ -88,8 +88,8 @@ TERMS = ("bonds", "angles", "dihedrals", "excluded_volume")
 #: Cosine-series angle priors (angles whose PMF is not harmonic): number of terms K, histogram bins over
 #: [0, pi], the height (kT) of the wall where angles stop being seen and its slope (kT/rad) beyond. K = 16
 #: reproduces the three-peaked end-middle-end angle of 3-bead hexane to a JSD of 0.001 (a harmonic fallback:
-#: 0.10). The slope matters: a flat wall exerts no force, so a molecule that once crossed into angles never seen
-#: stayed there (hexane's 1 ns CG run: angle std 0.63 rad against 0.36).
+#: 0.10). The slope matters: a flat wall exerts no force on a molecule that crossed it (with a flat wall,
+#: hexane's 1 ns CG run ended with an angle std of 0.63 rad against 0.36 in the data).
 ANGLE_SERIES_TERMS = 16
 ANGLE_SERIES_BINS = 72
 ANGLE_SERIES_WALL_KT = 10.0
