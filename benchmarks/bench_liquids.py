@@ -488,7 +488,8 @@ def markdown(all_results: dict) -> str:
                       "bond / angle JSD max (≤ 0.02) | ns/day | val. force MSE: model / priors only |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             # current recipe first, then the rows of earlier recipes (kept to show what changed and why)
-            for key, row in sorted(cg.items(), key=lambda kv: ("network basis" in kv[0], kv[0])):
+            for key, row in sorted(cg.items(), key=lambda kv: ("network basis" in kv[0] or "earlier" in kv[0],
+                                                              kv[0])):
                 bj = (f"{row.get('bond_jsd_max', float('nan')):.3f} / {row.get('angle_jsd_max', float('nan')):.3f}"
                       if "bond_jsd_max" in row else "–")
                 lines.append(f"| {key} | {row['ps']:.0f} | {_blow_up(row['blow_up'])} "
@@ -516,7 +517,8 @@ def markdown(all_results: dict) -> str:
                          "if any). Energy drift: mean potential energy of the last 10 % of the run minus that of the "
                          "first 10 %, in standard deviations of the whole trace. Force MSE in (kJ/mol/nm)², on "
                          "held-out frames. Rows naming a network basis are earlier recipes (the default basis now "
-                         "starts at the 0.1 % quantile of the training pair distances). Plot: `liquids_cg.png`.\n")
+                         "starts at the 0.1 % quantile of the training pair distances); so are rows with a flat "
+                         "angle wall (the cosine angle prior's wall over never-seen angles now rises 20 kT/rad). Plot: `liquids_cg.png`.\n")
         bm = res.get("backmap", {})
         for label, rows in bm.items():
             rollout = rows.get("temporal_rollout_steps", 0)
