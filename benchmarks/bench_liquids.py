@@ -98,8 +98,14 @@ def bead_units(mapping) -> np.ndarray:
     return kinds[0].bead_index
 
 
-def run_cg(mapping, potential, start_nm, box, *, n_steps, dt_fs, report_ps=1.0, seed=1, temperature_K=300.0):
-    """Langevin CG MD with the TorchForce on the Reference platform; frames, traces and blow-up info."""
+def run_cg(mapping, potential, start_nm, box, *, n_steps, dt_fs, report_ps=1.0, seed=1, temperature_K=300.0,
+           checkpoint=None, checkpoint_ps=20.0):
+    """Langevin CG MD with the TorchForce on the Reference platform; frames, traces and blow-up info.
+
+    With ``checkpoint`` (a path stem), the run saves its state (OpenMM state XML) and what it has recorded every
+    ``checkpoint_ps`` and, started again with the same stem, model and settings, goes on from there: a 1 ns run
+    of a 900-bead box takes longer than one working session. ``seconds`` counts only time spent stepping.
+    """
     system = create_cg_system(mapping, potential, box_vectors_nm=box)
     integrator = openmm.LangevinMiddleIntegrator(temperature_K * u.kelvin, 1 / u.picosecond, dt_fs * u.femtosecond)
     integrator.setRandomNumberSeed(seed)
@@ -115,20 +121,46 @@ def run_cg(mapping, potential, start_nm, box, *, n_steps, dt_fs, report_ps=1.0, 
     sim.context.setPositions(start_nm)
     sim.context.setVelocitiesToTemperature(temperature_K * u.kelvin, seed)
     every = max(1, int(round(report_ps * 1000 / dt_fs)))
-    sim.reporters.append(CGRunGuard(every, max_temperature_K=3 * temperature_K, max_energy_rise_kj_mol=1e5))
     dof = 3 * system.getNumParticles() - 3
-    frames, temps, energies, blew = [], [], [], None
+    frames, temps, energies, blew, seconds = [], [], [], None, 0.0
+    # What a checkpoint must match to be resumed: the model's parameters and the run's settings.
+    signature = np.array([n_steps, dt_fs, every, seed, temperature_K, system.getNumParticles(),
+                          float(sum(p.double().sum() for p in potential.state_dict().values()
+                                    if p.is_floating_point()))])
+    if checkpoint is not None:
+        state_file, data_file = Path(f"{checkpoint}.state.xml"), Path(f"{checkpoint}.npz")
+        if state_file.exists() and data_file.exists():
+            saved = np.load(data_file)
+            if saved["signature"].shape == signature.shape and np.allclose(saved["signature"], signature):
+                sim.loadState(str(state_file))
+                frames, temps, energies = list(saved["frames"]), list(saved["temps"]), list(saved["energies"])
+                seconds = float(saved["seconds"])
+                sim.currentStep = len(frames) * every
+                print(f"resuming {checkpoint} at {sim.currentStep * dt_fs / 1000:g} ps", flush=True)
+            else:
+                print(f"{checkpoint}: checkpoint of another model or settings, starting afresh", flush=True)
+    sim.reporters.append(CGRunGuard(every, max_temperature_K=3 * temperature_K, max_energy_rise_kj_mol=1e5))
+    save_every = max(1, int(round(checkpoint_ps * 1000 / dt_fs)) // every)
     t0 = time.perf_counter()
     try:
-        for _ in range(n_steps // every):
+        for i in range(len(frames), n_steps // every):
             sim.step(every)
             st = sim.context.getState(getPositions=True, getEnergy=True)
             frames.append(st.getPositions(asNumpy=True).value_in_unit(u.nanometer))
             temps.append(2 * st.getKineticEnergy().value_in_unit(u.kilojoule_per_mole) / (dof * BOLTZMANN_KJ_MOL_K))
             energies.append(st.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole))
+            if checkpoint is not None and (i + 1) % save_every == 0:
+                elapsed = seconds + time.perf_counter() - t0
+                sim.saveState(f"{checkpoint}.state.xml.tmp")
+                np.savez(f"{checkpoint}.tmp.npz", signature=signature, frames=np.array(frames, dtype=np.float32),
+                         temps=np.array(temps), energies=np.array(energies), seconds=elapsed)
+                Path(f"{checkpoint}.state.xml.tmp").replace(f"{checkpoint}.state.xml")
+                Path(f"{checkpoint}.tmp.npz").replace(f"{checkpoint}.npz")
+                print(f"{checkpoint}: {sim.currentStep * dt_fs / 1000:g} ps, {elapsed / 60:.1f} min, "
+                      f"{temps[-1]:.1f} K", flush=True)
     except SimulationBlowUp as exc:
         blew = str(exc)
-    seconds = time.perf_counter() - t0
+    seconds += time.perf_counter() - t0
     temps, energies = np.array(temps), np.array(energies)
     info = {"blow_up": blew, "steps_done": int(sim.currentStep), "ps": sim.currentStep * dt_fs / 1000,
             "seconds": seconds, "steps_per_s": sim.currentStep / seconds, "ns_per_day": sim.currentStep * dt_fs
@@ -220,7 +252,8 @@ def section_cg(name: str, args) -> dict:
                 train_s = time.perf_counter() - t0
                 pot.save(model_path)
             steps = int((args.cg_ps or weights[lam]) * 1000 / dt_fs)
-            frames, info = run_cg(mapping, pot.double(), ref[-1], box, n_steps=steps, dt_fs=dt_fs)
+            frames, info = run_cg(mapping, pot.double(), ref[-1], box, n_steps=steps, dt_fs=dt_fs,
+                                  checkpoint=WORK / f"cgrun_{name}_{label}_lambda{lam:g}_{steps}steps")
             row = {**info, "train_seconds": train_s, "val_force_mse": pot.metadata.get("val_force_mse"),
                    "priors_only_val_force_mse": pot.metadata.get("priors_only_val_force_mse"),
                    "epochs": pot.metadata.get("epochs")}
