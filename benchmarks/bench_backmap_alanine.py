@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, save  # noqa: E402
+from bench_cg_alanine import DEFAULT_AA_NS, work_files  # noqa: E402
 
 import mdtraj as md  # noqa: E402
 
@@ -43,6 +44,9 @@ from openmm_backmap.mapping import CGMapping  # noqa: E402
 
 TARGETS = {"bond_score": (">=", 0.99), "clash_score": ("<=", 0.005), "energy_jsd": ("<=", 0.05),
            "energy_shift_kj_mol": ("abs<=", 5.0), "fes_jsd": ("<=", 0.05)}
+
+#: The backmappers are trained on the first 20 ns AA reference of bench_cg_alanine (16k pairs at stride 5).
+TRAIN_NS = 20.0
 
 
 def energies(energy: AAEnergy, xyz: np.ndarray) -> np.ndarray:
@@ -172,7 +176,7 @@ def main() -> None:
         args.epochs, args.test_ns, args.cg_frames = 3, 1.0, 100
     work = RESULTS / "work_backmap_alanine"
     work.mkdir(parents=True, exist_ok=True)
-    train_path = RESULTS / "work_cg_alanine" / "aa.h5"
+    train_path = work_files(TRAIN_NS)["aa"]
     adp = systems.alanine_dipeptide("obc2")
     if not train_path.exists() and args.quick:  # smoke run: a small training set of its own
         train_path = work / "aa_train_2ns.h5"
@@ -258,7 +262,7 @@ def main() -> None:
     np.savez_compressed(work / "backmapped_test.npz", **{k: v.astype(np.float32) for k, v in xyz.items()})
 
     # -- generalization set: CG simulation with the force-matched potential ------------------------------
-    pot_path = RESULTS / "work_cg_alanine" / "potential.pt"
+    pot_path = work_files(DEFAULT_AA_NS)["potential"]
     if pot_path.exists():
         from bench_cg_alanine import run_cg
 
@@ -279,7 +283,7 @@ def main() -> None:
 
     plot(RESULTS / "backmap_alanine.png", ref, results, lag_ps, xyz)
     clean = {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in results.items()}
-    record = {"train_data": str(train_path), "train_ns": 20.0, "test_frames": int(len(cg)), "lag_ps": lag_ps,
+    record = {"train_data": str(train_path), "train_ns": TRAIN_NS, "test_frames": int(len(cg)), "lag_ps": lag_ps,
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()}, "results": clean,
               "velocity_jsd_ratio_vs_frame": ratio, "velocity_jsd_ratio_vs_library": ratio_lib,
               "local_velocity_jsd_ratio_vs_frame": local_ratio, "velocity_jsd_ratio_mixture": ratio_mixture,
