@@ -230,7 +230,8 @@ class BackmapperTrainer:
 
     # -- model -----------------------------------------------------------------------------------------
     def _templates(self, model: TemporalBackmapper, data: dict, rng: np.random.Generator) -> None:
-        """Atom/bead templates per kind: iterative superposition (about the bead centroid) of training units."""
+        """Atom and frame-bead templates per kind: iterative superposition of the training units' atoms about the
+        centroid of their frame beads; the frame-bead template is the mean of the frame beads superposed alike."""
         train = data["parts"][0]
         pick = rng.choice(train, size=min(len(train), 2000), replace=False)
         out = torch.as_tensor(data["positions"][pick][:, model.atom_indices])
@@ -238,24 +239,23 @@ class BackmapperTrainer:
         for k, kind in enumerate(model.kinds):
             ub, ua = model.gather(k, beads, out)
             sel = torch.as_tensor(rng.choice(len(ub), size=min(len(ub), 5000), replace=False))
-            w = kind.bead_weights.double()
-            x = ua[sel] - (w @ ua[sel]).mean(dim=1, keepdim=True)
+            centre = ub[sel].mean(dim=1, keepdim=True)
+            x, xb = ua[sel] - centre, ub[sel] - centre
             template = x[0]
             for _ in range(6):
                 rot = kabsch(x, template.expand_as(x))
                 template = (x @ rot.transpose(-1, -2)).mean(dim=0)
-            template = template - (w @ template).mean(dim=0)
-            kind.atom_template.copy_(template.float())
-            kind.bead_template.copy_((w @ template).float())
+            bead_template = (xb @ rot.transpose(-1, -2)).mean(dim=0)
+            shift = bead_template.mean(dim=0)
+            kind.atom_template.copy_((template - shift).float())
+            kind.bead_template.copy_((bead_template - shift).float())
 
     def _unit_batch(self, model, k, beads, previous, target, box, generator):
         """Local frames and local coordinates of the units of kind ``k`` in a batch of frames."""
         kind = model.kinds[k]
-        ub, up = model.gather(k, beads, previous if kind.condition_on_previous else None)
+        origin, rot, lb, lp, ubox = model.unit_frames(k, beads, previous if kind.condition_on_previous else None,
+                                                      box, generator)
         _, ut = model.gather(k, beads, target)
-        n_units = model._unit_atoms[k].shape[0]
-        ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
-        origin, rot, lb, lp = kind.local_frames(ub, up, ubox, generator)
         lt = kind.to_local(ut, origin, rot, ubox)
         env = model.environment(k, origin, rot, beads, previous if kind.condition_on_previous else None, box)
         return origin, rot, lb, lp, lt, env
@@ -292,7 +292,7 @@ class BackmapperTrainer:
                 pi, pj = self._pairs[k]
                 if len(pi):
                     bonded = bonded + ((dp[:, pi, pj] - dt[:, pi, pj]) ** 2).mean() / scale ** 2 / n_kinds
-                cg = cg + ((kind.bead_weights @ pred - lb) ** 2).mean() / scale ** 2 / n_kinds
+                cg = cg + ((kind.bead_weights @ pred - kind.own_beads(lb)) ** 2).mean() / scale ** 2 / n_kinds
                 kl = kl + (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(dim=1)).mean() / n_kinds
                 glob = origin.float().unsqueeze(1) + pred @ rot.float().transpose(-1, -2)
                 pred_global = _scatter_units(pred_global, model._unit_atoms[k], glob)
