@@ -424,3 +424,21 @@ def test_residue_units_are_equivariant_consistent_and_saved(tiny_residue_backmap
     loaded = TemporalBackmapper.load(path, adp_mapping)
     assert loaded.config["units"] == "residue"
     np.testing.assert_array_equal(loaded.backmap_trajectory(cg, seed=1), bm.backmap_trajectory(cg, seed=1))
+
+
+def test_residue_units_train_the_bonds_between_them(tiny_residue_backmapper, adp_mapping, tiny_backmapper):
+    """The bonds and angles that cross residue units (the peptide bonds) enter the bonded loss on the assembled
+    frame; molecule units have none."""
+    from openmm_backmap.backmap.trainer import _cross_unit_pairs
+
+    top = adp_mapping.aa_topology
+    ci, cj = _cross_unit_pairs(adp_mapping, tiny_residue_backmapper)
+    atoms = tiny_residue_backmapper.layout.atoms
+    names = {tuple(sorted(f"{top.atom(int(atoms[a])).residue.name}-{top.atom(int(atoms[a])).name}" for a in pair))
+             for pair in zip(ci.tolist(), cj.tolist())}
+    assert ("ACE-C", "ALA-N") in names and ("ALA-C", "NME-N") in names  # the two peptide bonds
+    assert ("ACE-O", "ALA-N") in names and ("ALA-CA", "NME-N") in names  # angles across them
+    assert len(names) == len(ci) == 10  # 5 pairs within two bonds across each junction
+    assert all(top.atom(int(atoms[a])).residue.index != top.atom(int(atoms[b])).residue.index
+               for a, b in zip(ci.tolist(), cj.tolist()))
+    assert len(_cross_unit_pairs(adp_mapping, tiny_backmapper)[0]) == 0

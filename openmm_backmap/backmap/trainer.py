@@ -35,7 +35,7 @@ import torch
 
 from .._training import save_checkpoint, write_log
 from .._physics import BOLTZMANN_KJ_MOL_K
-from .._units import kabsch
+from .._units import kabsch, minimum_image
 from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper
 
 #: Default weights of the loss terms.
@@ -296,6 +296,14 @@ class BackmapperTrainer:
                 kl = kl + (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(dim=1)).mean() / n_kinds
                 glob = origin.float().unsqueeze(1) + pred @ rot.float().transpose(-1, -2)
                 pred_global = _scatter_units(pred_global, model._unit_atoms[k], glob)
+            ci, cj = self._cross_pairs
+            if len(ci):  # residue units: bonds and angles between units, on the assembled frame
+                box = batch["box"]
+                dp = minimum_image(pred_global[:, cj] - pred_global[:, ci],
+                                   box.unsqueeze(1).float() if box is not None else None).norm(dim=-1)
+                dt = minimum_image(target[:, cj] - target[:, ci],
+                                   box.unsqueeze(1) if box is not None else None).norm(dim=-1).float()
+                bonded = bonded + ((dp - dt) ** 2).mean() / scale ** 2
             loss = w["position"] * pos + w["distance"] * dist + w["bonded"] * bonded + w["cg"] * cg + beta * kl
             e_term = torch.zeros(())
             if energy is not None and lam > 0 and w["energy"] > 0:
@@ -384,6 +392,7 @@ class BackmapperTrainer:
                                    **self.architecture)
         self._atoms = model.atom_indices
         self._pairs = _local_pairs(self.mapping, model)
+        self._cross_pairs = _cross_unit_pairs(self.mapping, model)
         energy = self._energy_model(data, model)
         kT = BOLTZMANN_KJ_MOL_K * data["temperature"]
         train_part, val_part, test_part = data["parts"]
@@ -659,6 +668,26 @@ def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
         keep = local.row < local.col
         out.append((torch.as_tensor(local.row[keep]), torch.as_tensor(local.col[keep])))
     return out
+
+
+def _cross_unit_pairs(mapping, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output-atom index pairs ``(i, j)`` 1-2 or 1-3 apart in the bond graph whose atoms lie in different units
+    (the peptide bond and its angles between residue units; none between molecules)."""
+    import scipy.sparse as sp
+
+    top = mapping.aa_topology
+    bonds = np.array([[a.index, b.index] for a, b in top.bonds], dtype=np.int64).reshape(-1, 2)
+    n = top.n_atoms
+    adj = sp.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
+    adj = ((adj + adj.T) > 0).astype(np.int64)
+    reach = ((adj + adj @ adj) > 0).tocoo()
+    unit = np.full(n, -1, dtype=np.int64)
+    for k, kind in enumerate(model.layout.kinds):
+        unit[kind.atom_index] = (k * 1_000_000 + np.arange(kind.n_units))[:, None]
+    out = model.layout.output_index
+    keep = (reach.row < reach.col) & (unit[reach.row] >= 0) & (unit[reach.col] >= 0) & \
+        (unit[reach.row] != unit[reach.col])
+    return torch.as_tensor(out[reach.row[keep]]), torch.as_tensor(out[reach.col[keep]])
 
 
 def _scatter_units(out: torch.Tensor, idx: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
