@@ -556,7 +556,7 @@ def markdown(all_results: dict) -> str:
                          "held-out frames. Rows naming a network basis are earlier recipes (the default basis now "
                          "starts at the 0.1 % quantile of the training pair distances); so are rows with a flat "
                          "angle wall (the cosine angle prior's wall over never-seen angles now rises 20 kT/rad). The potential runs in "
-                         "float32 since 2026-11-22 (hexane's 1 ns and benzene 3-bead's 1 ns runs; the others ran in "
+                         "float32 since 2026-11-22 (hexane's 1 ns run and later ones; earlier runs were in "
                          "float64), with the network and the excluded volume sharing one pair search per step. "
                          "Plot: `liquids_cg.png`.\n")
         bm = res.get("backmap", {})
