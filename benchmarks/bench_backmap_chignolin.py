@@ -4,8 +4,11 @@ Training data: the 1 ns AA reference of ``bench_cg_chignolin`` (amber14 + OBC2, 
 from the extended chain). Test data: an independent 2 ns trajectory (other seed, 10 000 frames every 0.2 ps),
 mapped to the 10 Cα beads and backmapped autoregressively (lag 0.2 ps) by the temporal model, the frame-based
 baseline and the library lookup. Metrics and the HTML report come from ``openmm_backmap.evaluation.evaluate_run``.
+The models work residue by residue (``--units residue``, each residue framed by the Cα of its neighbours and
+conditioned on their previous atoms within 0.6 nm); ``--units molecule`` is the earlier recipe, the whole chain
+as one unit.
 
-    python benchmarks/bench_backmap_chignolin.py [--epochs 60] [--test-ns 2] [--retrain] [--quick]
+    python benchmarks/bench_backmap_chignolin.py [--units residue] [--epochs 60] [--test-ns 2] [--retrain] [--quick]
 
 ``--quick`` (a smoke run) trains on a short AA run of its own (unless the results folder has the data of
 ``bench_cg_chignolin``) and tests on a short one.
@@ -38,6 +41,9 @@ KEYS = ("bond_score", "clash_score", "energy_jsd", "energy_shift_kj_mol", "fes_j
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--units", choices=("residue", "molecule"), default="residue")
+    parser.add_argument("--environment-cutoff", type=float, default=None,
+                        help="nm (default: 0.6 with residue units, none with one unit)")
     parser.add_argument("--test-ns", type=float, default=2.0, help="length of the AA test run (frames every 0.2 ps)")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--quick", action="store_true",
@@ -81,15 +87,19 @@ def main() -> None:
     np.save(work / "cg_test.npy", cg)
 
     models = {}
+    cutoff = args.environment_cutoff if args.environment_cutoff is not None else (
+        0.6 if args.units == "residue" else 0.0)
+    tag = "" if args.units == "molecule" else f"_{args.units}"
+    base = {"hidden": 512, "units": args.units, "environment_cutoff_nm": cutoff}
     for name, arch in (("temporal", {}), ("frame", {"condition_on_previous": False})):
-        path = work / f"backmapper_{name}.pt"
+        path = work / f"backmapper_{name}{tag}.pt"
         if path.exists() and not args.retrain and not args.quick:
             models[name] = TemporalBackmapper.load(path, mapping)
             continue
         t0 = time.perf_counter()
-        models[name] = BackmapperTrainer(mapping, train_path, architecture={**arch, "hidden": 512},
+        models[name] = BackmapperTrainer(mapping, train_path, architecture={**base, **arch},
                                          max_epochs=args.epochs, patience=10, batch_size=64,
-                                         log=work / f"training_{name}.csv", seed=0,
+                                         log=work / f"training_{name}{tag}.csv", seed=0,
                                          ).fit()
         timings[f"train_{name}_s"] = time.perf_counter() - t0
         if not args.quick:
@@ -98,7 +108,7 @@ def main() -> None:
     outputs = {}
     for name, model, mode in (("temporal", models["temporal"], "model"), ("frame", models["frame"], "model"),
                               ("library", models["temporal"], "library")):
-        out = work / f"aa_{name}.dcd"
+        out = work / f"aa_{name}{tag}.dcd"
         t0 = time.perf_counter()
         xyz = model.backmap_trajectory(cg, seed=1, mode=mode, progress=True)
         timings[f"backmap_{name}_ms_per_frame"] = 1e3 * (time.perf_counter() - t0) / len(cg)
@@ -112,7 +122,7 @@ def main() -> None:
     reports = {}
     t0 = time.perf_counter()
     for name, baseline in (("temporal", "frame"), ("library", "frame")):
-        reports[name] = evaluate_run(work / f"report_{name}", reference=test_path, backmapped=outputs[name],
+        reports[name] = evaluate_run(work / f"report_{name}{tag}", reference=test_path, backmapped=outputs[name],
                                      baseline=outputs[baseline], mapping=mapping,
                                      title=f"chignolin (Cα map): {name} vs frame-based")
     timings["evaluate_s"] = time.perf_counter() - t0
@@ -122,7 +132,7 @@ def main() -> None:
             if row["key"] in KEYS:
                 rows.setdefault(row["key"], {})[f"{name}:{row['subject']}"] = (row["value"], row["target"],
                                                                               row["passed"])
-    record = {"train_data": str(train_path), "train_ns": train_ns, "test_ns": args.test_ns,
+    record = {"units": args.units, "environment_cutoff_nm": cutoff, "train_data": str(train_path), "train_ns": train_ns, "test_ns": args.test_ns,
               "test_frames": int(len(cg)), "lag_ps": 0.2,
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()}, "metrics": rows,
               "timings": timings, "quick": args.quick}
@@ -140,7 +150,8 @@ def main() -> None:
         f"Chignolin, Cα map (10 beads → 138 atoms), 350 K. Trained on the {train_ns:g} ns AA reference of {source} "
         f"(frames every 0.2 ps, {models['temporal'].metadata['pairs']['train']} training pairs); tested on an "
         f"independent {args.test_ns:g} ns run ({len(cg)} frames, τ = 0.2 ps), backmapped autoregressively. "
-        "`temporal` rows compare "
+        f"Units: {'one per residue, framed by the neighbouring Cα' if args.units == 'residue' else 'the whole chain'}"
+        f"{f', environment {cutoff:g} nm' if cutoff else ''}. `temporal` rows compare "
         "the temporal VAE (and, as `baseline`, the frame-based model); `library` rows the library lookup.\n\n"
         + "\n".join(lines) + "\n\n"
         f"Backmapping cost per frame (ms): temporal {timings['backmap_temporal_ms_per_frame']:.2f}, frame-based "

@@ -70,6 +70,10 @@ CASES = {
 RELAX_ITERATIONS = {"1-bead": 50}
 #: Row label of the models that draw z from seed 003's single latent mixture.
 MIXTURE = "seed's single latent mixture"
+#: Precision of the CG runs: float32, as a user would run the TorchForce, and 1.6-1.8x faster than float64 on one
+#: core (900-bead benzene: 31-39 against 55-62 ms per step). Runs recorded before 2026-11-22 (one-bead benzene,
+#: cumene, hexane up to 250 ps) used float64.
+CG_DTYPE = torch.float32
 TARGETS = {"com_rdf_l1_nm": 0.05, "bonded_jsd": 0.02, "clash": 0.001, "cc_rdf_l1_nm": 0.05, "lj_jsd": 0.05,
            "bond_score": 0.99, "velocity_ratio": 1 / 3, "latency_300_ms": 100.0}
 
@@ -252,7 +256,7 @@ def section_cg(name: str, args) -> dict:
                 train_s = time.perf_counter() - t0
                 pot.save(model_path)
             steps = int((args.cg_ps or weights[lam]) * 1000 / dt_fs)
-            frames, info = run_cg(mapping, pot.double(), ref[-1], box, n_steps=steps, dt_fs=dt_fs,
+            frames, info = run_cg(mapping, pot.to(CG_DTYPE), ref[-1], box, n_steps=steps, dt_fs=dt_fs,
                                   checkpoint=WORK / f"cgrun_{name}_{label}_lambda{lam:g}_{steps}steps")
             row = {**info, "train_seconds": train_s, "val_force_mse": pot.metadata.get("val_force_mse"),
                    "priors_only_val_force_mse": pot.metadata.get("priors_only_val_force_mse"),
@@ -293,7 +297,7 @@ def size_transfer(mapping, pot, start, box, dt_fs, args, r, g_ref, top, preset) 
     shifts = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)]) @ box
     big_start = np.concatenate([start + s for s in shifts])
     steps = int(args.transfer_ps * 1000 / dt_fs)
-    frames, info = run_cg(big_mapping, big.double(), big_start, big_box, n_steps=steps, dt_fs=dt_fs, seed=3)
+    frames, info = run_cg(big_mapping, big.to(CG_DTYPE), big_start, big_box, n_steps=steps, dt_fs=dt_fs, seed=3)
     units = bead_units(big_mapping)
     row = {**{k: v for k, v in info.items()}, "molecules": int(len(units))}
     if len(frames) > 10:
@@ -479,7 +483,7 @@ def section_speed(name: str, args) -> dict:
         if pot_file.exists():
             pot = CGPotential.load(pot_file, mapping=mapping)
             cgx = mapping.map_positions(mapping.make_molecules_whole(xyz[None], box[None]))[0]
-            _, info = run_cg(mapping, pot.double(), cgx, box, n_steps=int(args.speed_steps), dt_fs=dt_fs,
+            _, info = run_cg(mapping, pot.to(CG_DTYPE), cgx, box, n_steps=int(args.speed_steps), dt_fs=dt_fs,
                              report_ps=int(args.speed_steps) * dt_fs / 1000)  # one block: no reports in between
             aa = aa_speed(top, system, xyz, box, int(args.speed_steps) // 4)
             out[f"{label} CG vs AA"] = {"cg_ns_per_day": info["ns_per_day"], "aa_ns_per_day": aa,
@@ -551,7 +555,10 @@ def markdown(all_results: dict) -> str:
                          "first 10 %, in standard deviations of the whole trace. Force MSE in (kJ/mol/nm)², on "
                          "held-out frames. Rows naming a network basis are earlier recipes (the default basis now "
                          "starts at the 0.1 % quantile of the training pair distances); so are rows with a flat "
-                         "angle wall (the cosine angle prior's wall over never-seen angles now rises 20 kT/rad). Plot: `liquids_cg.png`.\n")
+                         "angle wall (the cosine angle prior's wall over never-seen angles now rises 20 kT/rad). The potential runs in "
+                         "float32 since 2026-11-22 (hexane's 1 ns run and later ones; earlier runs were in "
+                         "float64), with the network and the excluded volume sharing one pair search per step. "
+                         "Plot: `liquids_cg.png`.\n")
         bm = res.get("backmap", {})
         for label, rows in bm.items():
             rollout = rows.get("temporal_rollout_steps", 0)

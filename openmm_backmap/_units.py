@@ -1,15 +1,20 @@
-"""How a mapped system splits into units (molecules that hold beads) and the rigid-body geometry of their frames.
+"""How a mapped system splits into units (molecules or residues that hold beads) and the rigid-body geometry of
+their frames.
 
-Shared by the backmapper, the kNN baseline and the size transfer of CG potentials (all work per kind of molecule).
+Shared by the backmapper, the kNN baseline and the size transfer of CG potentials (all work per kind of unit).
 
-A *unit* is one molecule (connected component of the AA bond graph) that holds at least one bead. Units with
-the same atoms, residue/atom names and bead definitions are of the same *kind* and share one network, so a
-box of 300 benzene molecules is one kind with 300 units and the work grows linearly with the box.
+A *unit* is, by default, one molecule (connected component of the AA bond graph) that holds at least one bead.
+With ``units="residue"`` it is one residue that holds at least one bead (a protein backmapped residue by residue:
+each network decodes a few atoms in a frame set by nearby beads, instead of the whole chain in one frame). Units
+with the same atoms, residue/atom names, bead definitions and frame beads are of the same *kind* and share one
+network, so a box of 300 benzene molecules is one kind with 300 units and the work grows linearly with the box.
 
-Every unit is handled in a *local frame*: origin at the centroid of its current beads, axes from the optimal
-rotation (Kabsch) of the kind's bead template onto the current beads when the unit has at least three beads;
-units with one or two beads carry no orientation in the CG frame, so their axes come from aligning the kind's
-atom template onto the unit's *previous* AA frame (the only source of orientation there).
+Every unit is handled in a *local frame* set by its *frame beads*: the unit's own beads and, for residue units,
+the beads of the residues bonded to it (so the Cα trace i-1, i, i+1 orients residue i under a Cα map). Origin at
+the centroid of the frame beads, axes from the optimal rotation (Kabsch) of the kind's bead template onto them
+when there are at least three; units with one or two frame beads carry no orientation in the CG frame, so their
+axes come from aligning the kind's atom template onto the unit's *previous* AA frame (the only source of
+orientation there).
 """
 from __future__ import annotations
 
@@ -31,14 +36,39 @@ class UnitKind:
     weights: np.ndarray  # (n_beads, n_atoms) rows of the position map restricted to the unit
     atom_index: np.ndarray  # (n_units, n_atoms) global AA atom indices of each unit
     bead_index: np.ndarray  # (n_units, n_beads) global bead indices of each unit
+    #: (n_units, n_frame_beads) global indices of the beads that set each unit's frame (its own beads, and for
+    #: residue units those of bonded residues), ordered by residue
+    frame_bead_index: np.ndarray = None  # type: ignore[assignment]
+    #: (n_beads,) position of each own bead among the frame beads
+    own_beads: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.frame_bead_index is None:  # a molecule unit: its frame beads are its own beads
+            self.frame_bead_index = self.bead_index
+            self.own_beads = np.arange(self.n_beads)
 
     @property
     def n_units(self) -> int:
         return int(self.atom_index.shape[0])
 
+    @property
+    def n_frame_beads(self) -> int:
+        return int(self.frame_bead_index.shape[1])
+
+
+#: How a system splits into units: one per molecule, or one per residue.
+UNITS = ("molecule", "residue")
+
 
 class UnitLayout:
     """Units and kinds of a :class:`~openmm_backmap.mapping.CGMapping`.
+
+    Parameters
+    ----------
+    mapping
+        The :class:`~openmm_backmap.mapping.CGMapping`.
+    units
+        ``"molecule"`` (default) or ``"residue"`` (see the module docstring). Every bead must lie inside one unit.
 
     Attributes
     ----------
@@ -49,44 +79,66 @@ class UnitLayout:
         trajectory holds these atoms in this order.
     """
 
-    def __init__(self, mapping) -> None:
+    def __init__(self, mapping, units: str = "molecule") -> None:
+        if units not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}; got {units!r}")
+        self.units = units
         top = mapping.aa_topology
-        position = mapping._position_matrix().tocsc()
+        pos_csr = mapping._position_matrix().tocsr()
         n_beads = mapping.n_beads
-        molecule_of = np.full(top.n_atoms, -1, dtype=np.int64)
-        molecules = sorted((sorted(a.index for a in mol) for mol in top.find_molecules()), key=lambda m: m[0])
-        for k, atoms in enumerate(molecules):
-            molecule_of[atoms] = k
-        bead_molecule = np.empty(n_beads, dtype=np.int64)
-        pos_csr = position.tocsr()
+        if units == "molecule":
+            groups_of_atoms = sorted((sorted(a.index for a in mol) for mol in top.find_molecules()),
+                                     key=lambda m: m[0])
+        else:
+            groups_of_atoms = [[a.index for a in res.atoms] for res in top.residues]
+        group_of = np.full(top.n_atoms, -1, dtype=np.int64)
+        for k, atoms in enumerate(groups_of_atoms):
+            group_of[atoms] = k
+        bead_group = np.empty(n_beads, dtype=np.int64)
         for b in range(n_beads):
             cols = pos_csr.indices[pos_csr.indptr[b]:pos_csr.indptr[b + 1]]
-            mols = np.unique(molecule_of[cols])
-            if len(mols) != 1:
-                raise ValueError(f"bead {mapping.bead_names[b]!r} spans {len(mols)} molecules; a bead must lie "
-                                 "inside one molecule for backmapping")
-            bead_molecule[b] = mols[0]
-        groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-        signatures: dict[str, np.ndarray] = {}
+            found = np.unique(group_of[cols])
+            if len(found) != 1:
+                raise ValueError(f"bead {mapping.bead_names[b]!r} spans {len(found)} {units}s; a bead must lie "
+                                 f"inside one {units} for backmapping with units={units!r}")
+            bead_group[b] = found[0]
+        holding = np.unique(bead_group)
+        # frame groups: the unit itself and, for residues, the bead-holding residues bonded to it, in order
+        context = {int(k): [int(k)] for k in holding}
+        if units == "residue":
+            for bond in top.bonds:
+                g1, g2 = int(group_of[bond[0].index]), int(group_of[bond[1].index])
+                if g1 != g2 and g1 in context and g2 in context:
+                    context[g1].append(g2)
+                    context[g2].append(g1)
+            context = {k: sorted(set(v)) for k, v in context.items()}
+        groups: dict[str, list[tuple]] = {}
+        signatures: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         order: list[str] = []
-        for k in np.unique(bead_molecule):
-            atoms = np.asarray(molecules[k], dtype=np.int64)
-            beads = np.flatnonzero(bead_molecule == k)
+        for k in holding:
+            atoms = np.asarray(groups_of_atoms[k], dtype=np.int64)
+            beads = np.flatnonzero(bead_group == k)
             w = np.asarray(pos_csr[beads][:, atoms].todense())
+            frame = np.concatenate([np.flatnonzero(bead_group == g) for g in context[int(k)]])
+            own = np.array([int(np.flatnonzero(frame == b)[0]) for b in beads])
             sig = self._signature(top, atoms, w, [mapping.bead_types[b] for b in beads])
+            if units == "residue":  # the frame beads are part of the kind: how many lie on either side of the
+                # unit (not their types, so that a residue type shares one network wherever it sits in a chain)
+                sig += repr([(int(np.sign(g - k)), int((bead_group == g).sum())) for g in context[int(k)]])
             if sig not in groups:
-                groups[sig], signatures[sig] = [], w
+                groups[sig], signatures[sig] = [], (w, own)
                 order.append(sig)
-            groups[sig].append((atoms, beads))
+            groups[sig].append((atoms, beads, frame))
         self.kinds: list[UnitKind] = []
         for i, sig in enumerate(order):
-            units = groups[sig]
-            first = top.atom(int(units[0][0][0])).residue
-            name = f"{i}:{first.name}" + (f"+{len(units[0][0])}atoms" if len(units[0][0]) != first.n_atoms else "")
-            self.kinds.append(UnitKind(name=name, n_atoms=len(units[0][0]), n_beads=len(units[0][1]),
-                                       weights=signatures[sig],
-                                       atom_index=np.stack([u[0] for u in units]),
-                                       bead_index=np.stack([u[1] for u in units])))
+            members = groups[sig]
+            first = top.atom(int(members[0][0][0])).residue
+            name = f"{i}:{first.name}" + (f"+{len(members[0][0])}atoms" if len(members[0][0]) != first.n_atoms else "")
+            w, own = signatures[sig]
+            self.kinds.append(UnitKind(name=name, n_atoms=len(members[0][0]), n_beads=len(members[0][1]), weights=w,
+                                       atom_index=np.stack([m[0] for m in members]),
+                                       bead_index=np.stack([m[1] for m in members]),
+                                       frame_bead_index=np.stack([m[2] for m in members]), own_beads=own))
         self.atoms = np.sort(np.concatenate([k.atom_index.ravel() for k in self.kinds]))
         #: position in the output atom list of every global atom index (−1 for atoms not backmapped)
         self.output_index = np.full(top.n_atoms, -1, dtype=np.int64)
@@ -104,7 +156,9 @@ class UnitLayout:
         return sum(k.n_units for k in self.kinds)
 
     def describe(self) -> str:
-        return ", ".join(f"{k.n_units}× {k.name} ({k.n_atoms} atoms, {k.n_beads} beads)" for k in self.kinds)
+        return ", ".join(f"{k.n_units}× {k.name} ({k.n_atoms} atoms, {k.n_beads} beads"
+                         + (f", {k.n_frame_beads} frame beads" if k.n_frame_beads != k.n_beads else "") + ")"
+                         for k in self.kinds)
 
 
 # ---------------------------------------------------------------------------------------------- geometry

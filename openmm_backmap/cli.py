@@ -240,7 +240,7 @@ def cmd_train_backmapper(cfg: dict[str, Any]) -> Path:
               f"(stride {stride}) instead of {lag:g} ps")
     frame_based = bool(cfg["frame_based"])
     architecture = {"hidden": int(cfg["hidden"]), "environment_cutoff_nm": float(cfg["environment_cutoff_nm"]),
-                    "latent_prior": str(cfg["latent_prior"])}
+                    "latent_prior": str(cfg["latent_prior"]), "units": str(cfg["units"])}
     if frame_based:
         architecture["condition_on_previous"] = False
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -711,7 +711,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train-backmapper": {"data": None, "preset": None, "mapping": None, "out": "backmapper.pt", "lag_ps": 1.0,
                          "epochs": 50, "batch_size": 128, "lr": 1e-3, "patience": 10, "max_frames": None,
                          "frame_based": False, "no_energy": False, "hidden": 256, "environment_cutoff_nm": 0.0,
-                         "latent_prior": "conditional", "seed": 0, "resume": False,
+                         "latent_prior": "conditional", "units": "molecule", "seed": 0, "resume": False,
                          "overwrite": False, "threads": 1},
     "run": {"potential": None, "backmapper": None, "data": None, "start_frame": 0, "out": "cg_run", "ns": 0.1,
             "timestep_fs": 4.0, "temperature": 300.0, "friction": 1.0, "interval": None, "backend": "torch",
@@ -897,6 +897,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-prior", dest="latent_prior", choices=("mixture", "conditional"),
                    help="where z comes from at inference: one Gaussian mixture for all molecules (seed 003), or "
                         "a mixture conditioned on the beads, previous frame and environment (default: conditional)")
+    p.add_argument("--units", choices=("molecule", "residue"),
+                   help="backmap molecule by molecule, or residue by residue, each residue in the frame of its "
+                        "own and its bonded residues' beads (proteins; default: molecule)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT-stem.checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

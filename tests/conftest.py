@@ -35,3 +35,15 @@ def tiny_backmapper(adp_aa_data, adp_mapping):
                                 architecture={"hidden": 64, "latent_dim": 4, "n_layers": 2}, n_blocks=5,
                                 progress=False, seed=1)
     return trainer.fit()
+
+
+@pytest.fixture(scope="session")
+def tiny_residue_backmapper(adp_aa_data, adp_mapping):
+    """The tiny backmapper with one unit per residue (ACE, ALA, NME), each in the frame of its own and its
+    bonded residues' beads."""
+    from openmm_backmap.backmap import BackmapperTrainer
+
+    trainer = BackmapperTrainer(adp_mapping, adp_aa_data[1], max_epochs=2, batch_size=64, library_size=200,
+                                architecture={"hidden": 64, "latent_dim": 4, "n_layers": 2, "units": "residue"},
+                                n_blocks=5, progress=False, seed=1)
+    return trainer.fit()

@@ -70,6 +70,34 @@ def test_layout_groups_identical_molecules_into_one_kind():
     assert np.array_equal(kind.bead_index, np.arange(18).reshape(6, 3))
 
 
+def test_layout_by_residue_frames_each_residue_with_its_bonded_neighbours():
+    from openmm_backmap import systems
+    from openmm_backmap.mapping import CGMapping
+
+    cln = systems.chignolin("obc2")  # GYDPETGTWG
+    mapping = CGMapping.from_preset(cln.topology, "ca")
+    layout = UnitLayout(mapping, "residue")
+    names = [k.name.split(":")[1] for k in layout.kinds]
+    assert names == ["GLY", "TYR", "ASP", "PRO", "GLU", "THR", "GLY", "TRP", "GLY"]
+    thr = layout.kinds[5]  # T6 and T8 share one network: same atoms, one bead on either side
+    assert thr.n_units == 2 and np.array_equal(thr.bead_index.ravel(), [5, 7])
+    assert np.array_equal(thr.frame_bead_index, [[4, 5, 6], [6, 7, 8]]) and np.array_equal(thr.own_beads, [1])
+    first, last = layout.kinds[0], layout.kinds[-1]  # termini: one neighbour, other atoms than G7
+    assert np.array_equal(first.frame_bead_index, [[0, 1]]) and np.array_equal(first.own_beads, [0])
+    assert np.array_equal(last.frame_bead_index, [[8, 9]]) and np.array_equal(last.own_beads, [1])
+    assert sorted(np.concatenate([k.atom_index.ravel() for k in layout.kinds]).tolist()) == list(range(138))
+    for kind in layout.kinds:  # each unit is one residue with its own bead
+        for atoms, bead in zip(kind.atom_index, kind.bead_index[:, 0]):
+            members = set(atoms.tolist())
+            residues = {a.residue.index for a in cln.topology.atoms() if a.index in members}
+            assert residues == {int(bead)}
+    # a bead over several residues cannot be backmapped residue by residue
+    with pytest.raises(ValueError, match="spans 10 residues"):
+        UnitLayout(CGMapping.from_preset(cln.topology, "molecule"), "residue")
+    with pytest.raises(ValueError, match="units must be one of"):
+        UnitLayout(mapping, "chain")
+
+
 # -- model: invariances, determinism, files ------------------------------------------------------------------
 def _frames(adp_aa_data, adp_mapping, n=40, start=100):
     with AADataset(adp_aa_data[1]) as ds:
@@ -365,3 +393,52 @@ def test_sample_draws_different_valid_frames_for_one_cg_frame(tiny_backmapper, a
         tiny_backmapper.sample(cg, aa[0])
     with pytest.raises(ValueError, match="n must"):
         tiny_backmapper.sample(cg[1], aa[0], n=0)
+
+
+def test_residue_units_are_equivariant_consistent_and_saved(tiny_residue_backmapper, adp_aa_data, adp_mapping,
+                                                            tmp_path):
+    """One unit per residue: rigid motions and periodic images of the input (also of the previous frame, atom by
+    atom) move the output alike, the beads are reproduced exactly, and the file keeps the units."""
+    bm = tiny_residue_backmapper
+    assert bm.config["units"] == "residue" and [k.n_units for k in bm.layout.kinds] == [1, 1, 1]
+    assert [k.n_frame_beads for k in bm.layout.kinds] == [5, 6, 5]
+    aa, cg = _frames(adp_aa_data, adp_mapping, n=4)
+    chain = bm.chain(seed=5)
+    chain.previous = aa[0]
+    out = chain.step(cg[1])
+    np.testing.assert_allclose(adp_mapping.map_positions(out), cg[1], atol=1e-5)
+    rot, shift = _rotation(7), np.array([1.5, -2.0, 0.7])
+    moved = bm.chain(seed=5)
+    moved.previous = aa[0] @ rot.T + shift
+    np.testing.assert_allclose(moved.step(cg[1] @ rot.T + shift), out @ rot.T + shift, atol=1e-5)
+    box = np.diag([3.0, 3.0, 3.0])
+    plain, imaged = bm.chain(seed=2), bm.chain(seed=2)
+    plain.previous = aa[0]
+    wrapped = aa[0].copy()
+    wrapped[::3] += np.array([3.0, 0.0, -6.0])  # every third atom in another image, as a wrapped file has it
+    imaged.previous = wrapped
+    np.testing.assert_allclose(imaged.step(cg[1] + np.array([0.0, 3.0, 0.0]), box) - np.array([0.0, 3.0, 0.0]),
+                               plain.step(cg[1], box), atol=1e-5)
+    path = tmp_path / "residue.pt"
+    bm.save(path)
+    loaded = TemporalBackmapper.load(path, adp_mapping)
+    assert loaded.config["units"] == "residue"
+    np.testing.assert_array_equal(loaded.backmap_trajectory(cg, seed=1), bm.backmap_trajectory(cg, seed=1))
+
+
+def test_residue_units_train_the_bonds_between_them(tiny_residue_backmapper, adp_mapping, tiny_backmapper):
+    """The bonds and angles that cross residue units (the peptide bonds) enter the bonded loss on the assembled
+    frame; molecule units have none."""
+    from openmm_backmap.backmap.trainer import _cross_unit_pairs
+
+    top = adp_mapping.aa_topology
+    ci, cj = _cross_unit_pairs(adp_mapping, tiny_residue_backmapper)
+    atoms = tiny_residue_backmapper.layout.atoms
+    names = {tuple(sorted(f"{top.atom(int(atoms[a])).residue.name}-{top.atom(int(atoms[a])).name}" for a in pair))
+             for pair in zip(ci.tolist(), cj.tolist())}
+    assert ("ACE-C", "ALA-N") in names and ("ALA-C", "NME-N") in names  # the two peptide bonds
+    assert ("ACE-O", "ALA-N") in names and ("ALA-CA", "NME-N") in names  # angles across them
+    assert len(names) == len(ci) == 10  # 5 pairs within two bonds across each junction
+    assert all(top.atom(int(atoms[a])).residue.index != top.atom(int(atoms[b])).residue.index
+               for a, b in zip(ci.tolist(), cj.tolist()))
+    assert len(_cross_unit_pairs(adp_mapping, tiny_backmapper)[0]) == 0

@@ -89,6 +89,7 @@ def test_defaults_follow_the_library():
     assert cli.DEFAULTS["train-backmapper"]["hidden"] == DEFAULT_ARCHITECTURE["hidden"]
     assert cli.DEFAULTS["train-backmapper"]["environment_cutoff_nm"] == DEFAULT_ARCHITECTURE["environment_cutoff_nm"]
     assert cli.DEFAULTS["train-backmapper"]["latent_prior"] == DEFAULT_ARCHITECTURE["latent_prior"]
+    assert cli.DEFAULTS["train-backmapper"]["units"] == DEFAULT_ARCHITECTURE["units"]
     for command, defaults in cli.DEFAULTS.items():
         assert set(defaults) <= {a.dest for p in _subparsers() if p.prog.endswith(" " + command)
                                  for a in p._actions}, command

@@ -176,21 +176,23 @@ def test_the_default_prior_is_conditional(tiny_backmapper):
 
 
 def test_version_1_files_load_as_mixture_models(mixture_backmapper, tmp_path):
-    """Files written before the conditional prior existed (format version 1, no ``latent_prior``) still load."""
+    """Files written before the conditional prior existed (format version 1, no ``latent_prior`` and no
+    ``units``) still load, as mixture models of molecule units."""
     tiny_backmapper = mixture_backmapper
     assert tiny_backmapper.kinds[0].latent_prior is None and "latent_prior_fit" not in tiny_backmapper.metadata
     path = tmp_path / "bm.pt"
     tiny_backmapper.save(path)
     blob = torch.load(path, weights_only=True)
     header = json.loads(blob["header"])
-    assert header["format_version"] == 2 and header["config"]["latent_prior"] == "mixture"
+    assert header["format_version"] == 3 and header["config"]["latent_prior"] == "mixture"
     header["format_version"] = 1
-    del header["config"]["latent_prior"]
+    del header["config"]["latent_prior"], header["config"]["units"]
     blob["header"] = json.dumps(header)
     old = tmp_path / "v1.pt"
     torch.save(blob, old)
     loaded = TemporalBackmapper.load(old)
     assert loaded.config["latent_prior"] == "mixture" and loaded.kinds[0].latent_prior is None
+    assert loaded.config["units"] == "molecule"
     cg = np.zeros((1, 6, 3)) + np.arange(6)[None, :, None] * 0.15 * np.array([1.0, 0.3, 0.1])
     np.testing.assert_array_equal(loaded.backmap_trajectory(cg, seed=0), tiny_backmapper.backmap_trajectory(cg, seed=0))
 

@@ -1,5 +1,6 @@
 """Size transfer: systems.replicate, and a CG potential trained on a small box used on a box 8x larger."""
 import copy
+import sys
 
 import numpy as np
 import openmm
@@ -322,3 +323,49 @@ def test_neighbor_excluded_volume_equals_all_pairs_form():
     torch.testing.assert_close(alone.md_energy_and_forces(x.detach(), box)[1], forces, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="cutoff_nm must be"):
         NeighborExcludedVolumePrior(**{**rule, "cutoff_nm": None})
+
+
+def test_network_and_neighbor_prior_share_one_search():
+    """A SchNet and a neighbour-searched excluded volume with different cutoffs and exclusions share one pair
+    search in md_energy_and_forces (eager and compiled); energies and forces equal autograd of the separate
+    terms, and one search is indeed made."""
+    from openmm_backmap.potential import neighbors
+    from openmm_backmap.potential.priors import NeighborExcludedVolumePrior
+    from openmm_backmap.potential.schnet import SchNet
+
+    n = 120
+    bonds = [[3 * k, 3 * k + 1] for k in range(40)] + [[3 * k + 1, 3 * k + 2] for k in range(40)]
+    types = ["A", "B", "A"] * 40
+    prior = NeighborExcludedVolumePrior(n_beads=n, bonds=bonds, exclusion_bonds=2, sigma_nm=[[0.3, 0.25], [0.25, 0.2]],
+                                        bead_types=types, cutoff_nm=0.7)
+    torch.manual_seed(0)
+    net = SchNet([0, 1, 0] * 40, hidden=8, n_rbf=6, cutoff_nm=0.9, n_interactions=2, exclusions=bonds).double()
+    potential = CGPotential([prior, net], n_priors=1, bead_names=[str(i) for i in range(n)], bead_types=types,
+                            mapping_fingerprint="-", periodic=True).double()
+    assert potential.shared_pair_cutoff == 0.9
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(2, n, 3, generator=generator, dtype=torch.float64) * 2.2
+    box = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1) * 2.2
+    box[1, 1, 0], box[1, 2, :2] = 0.5, torch.tensor([-0.3, 0.9], dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    want_energy = prior(xr, box) + net(xr, box)
+    want_forces = -torch.autograd.grad(want_energy.sum(), xr)[0]
+    calls = []
+    search = neighbors.neighbor_pairs
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return search(*args, **kwargs)
+
+    import openmm_backmap.potential.model as model_module
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (model_module, neighbors, sys.modules[SchNet.__module__], sys.modules[prior.__module__]):
+            if hasattr(module, "neighbor_pairs"):
+                patch.setattr(module, "neighbor_pairs", counting)
+        energy, forces = potential.md_energy_and_forces(x, box)
+    assert calls == [0.9]
+    torch.testing.assert_close(energy, want_energy.detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(forces, want_forces, rtol=1e-10, atol=1e-9)
+    energy, forces = torch.jit.script(potential).md_energy_and_forces(x, box)
+    torch.testing.assert_close(energy, want_energy.detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(forces, want_forces, rtol=1e-10, atol=1e-9)

@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .inference import BackmapChain
 
 FORMAT = "openmm-backmap/backmapper"
-#: 2: ``latent_prior`` (conditional latent prior) in the architecture.
-FORMAT_VERSION = 2
+#: 2: ``latent_prior`` (conditional latent prior) in the architecture. 3: ``units`` (molecules or residues).
+FORMAT_VERSION = 3
 
 #: Bounds of the conditional prior's log standard deviations (in latent units).
 _PRIOR_LOG_STD = (-7.0, 2.0)
@@ -55,7 +55,7 @@ _PRIOR_LOG_STD = (-7.0, 2.0)
 #: Default architecture (constructor arguments of :class:`TemporalBackmapper`).
 DEFAULT_ARCHITECTURE = {"latent_dim": 16, "hidden": 256, "n_layers": 3, "condition_on_previous": True,
                         "length_scale_nm": 0.1, "environment_cutoff_nm": 0.0, "environment_neighbors": 96,
-                        "environment_dim": 64, "latent_prior": "conditional"}
+                        "environment_dim": 64, "latent_prior": "conditional", "units": "molecule"}
 
 
 def _mlp(n_in: int, hidden: int, n_out: int, n_layers: int, zero_last: bool = False) -> nn.Sequential:
@@ -78,11 +78,14 @@ class KindModel(nn.Module):
     def __init__(self, n_atoms: int, n_beads: int, latent_dim: int, hidden: int, n_layers: int,
                  condition_on_previous: bool, n_mixture: int = 10, library_size: int = 0,
                  environment_types: int = 0, environment_dim: int = 64, environment_cutoff: float = 0.0,
-                 latent_prior: str = "mixture") -> None:
+                 latent_prior: str = "mixture", n_frame_beads: Optional[int] = None) -> None:
         super().__init__()
         self.n_atoms, self.n_beads, self.latent_dim = n_atoms, n_beads, latent_dim
+        #: beads that set the unit's frame and enter the condition (its own beads, and for residue units those of
+        #: bonded residues); ``own_index`` says where its own beads are among them
+        self.n_frame_beads = int(n_frame_beads or n_beads)
         self.condition_on_previous = condition_on_previous
-        n_cond = 3 * n_beads + (3 * n_atoms if condition_on_previous else 0)
+        n_cond = 3 * self.n_frame_beads + (3 * n_atoms if condition_on_previous else 0)
         self.environment_cutoff = float(environment_cutoff)
         self.environment_types = int(environment_types)
         self.environment = None
@@ -98,7 +101,8 @@ class KindModel(nn.Module):
                              if latent_prior == "conditional" else None)
         # Buffers filled by the trainer (templates, mixture, library) and saved with the weights.
         self.register_buffer("atom_template", torch.zeros(n_atoms, 3))
-        self.register_buffer("bead_template", torch.zeros(n_beads, 3))
+        self.register_buffer("bead_template", torch.zeros(self.n_frame_beads, 3))
+        self.register_buffer("own_index", torch.arange(n_beads), persistent=False)
         self.register_buffer("bead_weights", torch.zeros(n_beads, n_atoms))
         # Exact CG consistency: decoded atoms are moved group-wise (each atom with its nearest bead) so that
         # M(r̂) = R holds exactly; ``consistency`` = A (M A)^-1 with A the atom → nearest-bead assignment.
@@ -107,13 +111,17 @@ class KindModel(nn.Module):
         self.register_buffer("mixture_means", torch.zeros(n_mixture, latent_dim))
         self.register_buffer("mixture_scale_tril", torch.eye(latent_dim).repeat(n_mixture, 1, 1))
         self.register_buffer("library_atoms", torch.zeros(library_size, n_atoms, 3))
-        self.register_buffer("library_beads", torch.zeros(library_size, n_beads, 3))
+        self.register_buffer("library_beads", torch.zeros(library_size, self.n_frame_beads, 3))
 
     # -- frames ----------------------------------------------------------------------------------------
     def local_frames(self, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
-                     generator: Optional[torch.Generator] = None):
-        """Origins ``(U, 3)``, rotations ``(U, 3, 3)`` (local → global: ``x @ Q.T``), local beads and local previous
-        atoms of ``U`` units. Coordinates in nm.
+                     generator: Optional[torch.Generator] = None, previous_beads: Optional[torch.Tensor] = None):
+        """Origins ``(U, 3)``, rotations ``(U, 3, 3)`` (local → global: ``x @ Q.T``), local frame beads and local
+        previous atoms of ``U`` units, from their frame beads ``(U, n_frame_beads, 3)`` and previous atoms
+        ``(U, n_atoms, 3)``. Coordinates in nm.
+
+        ``previous_beads`` are the frame beads of the previous frame, needed when they are not all the unit's own
+        (residue units); by default they are mapped from the previous atoms.
 
         The previous atoms are expressed in the previous frame's *own* bead-aligned frame (origin at its bead
         centroid, axes from its beads), so the rigid-body motion of the unit between the two frames is removed: a
@@ -124,14 +132,18 @@ class KindModel(nn.Module):
         beads = whole(beads, box)
         origin = beads.mean(dim=1)
         rot = None
-        if self.n_beads >= 3:
+        if self.n_frame_beads >= 3:
             rot = kabsch(self.bead_template.to(dtype).expand(len(beads), -1, -1), beads - origin.unsqueeze(1))
         local_previous = None
         if previous is not None:
-            previous = whole(previous, box)
-            prev_beads = self.bead_weights.to(dtype) @ previous
+            if previous_beads is None:
+                previous = whole(previous, box)
+                prev_beads = self.bead_weights.to(dtype) @ previous
+            else:  # the same periodic image for the unit's atoms and its frame beads
+                joint = whole(torch.cat([previous_beads.to(dtype), previous], dim=1), box)
+                prev_beads, previous = joint[:, :self.n_frame_beads], joint[:, self.n_frame_beads:]
             prev_origin = prev_beads.mean(dim=1, keepdim=True)
-            if self.n_beads >= 3:
+            if self.n_frame_beads >= 3:
                 prev_rot = kabsch(self.bead_template.to(dtype).expand(len(beads), -1, -1), prev_beads - prev_origin)
             else:  # no orientation in the beads: the previous atoms give it, to both frames
                 tpl = self.atom_template.to(dtype)
@@ -196,11 +208,15 @@ class KindModel(nn.Module):
         return mu, logvar.clamp(-12.0, 6.0)
 
     def decode(self, cond: torch.Tensor, z: torch.Tensor, scale: float, local_beads: torch.Tensor) -> torch.Tensor:
-        """Local atom positions in nm, ``(U, n_atoms, 3)``, consistent with ``local_beads`` (exactly, up to
-        rounding)."""
+        """Local atom positions in nm, ``(U, n_atoms, 3)``, consistent with the unit's own beads among the local
+        frame beads ``local_beads`` (exactly, up to rounding)."""
         dev = self.decoder(torch.cat([self._squash(cond), z], dim=1))
         atoms = self.atom_template + scale * dev.view(-1, self.n_atoms, 3)
-        return atoms + self.consistency @ (local_beads - self.bead_weights @ atoms)
+        return atoms + self.consistency @ (self.own_beads(local_beads) - self.bead_weights @ atoms)
+
+    def own_beads(self, frame_beads: torch.Tensor) -> torch.Tensor:
+        """The unit's own beads ``(U, n_beads, 3)`` among its frame beads ``(U, n_frame_beads, 3)``."""
+        return frame_beads if self.n_frame_beads == self.n_beads else frame_beads[:, self.own_index]
 
     def latent_distribution(self, cond: torch.Tensor):
         """The conditional prior's mixture for each unit: log weights ``(U, K)``, means and log standard
@@ -251,7 +267,7 @@ class KindModel(nn.Module):
         lib_beads = self.library_beads.to(dtype)
         lib_atoms = self.library_atoms.to(dtype)
         n_units, n_lib = len(beads), len(lib_beads)
-        if self.n_beads == 1:
+        if self.n_frame_beads == 1:
             pick = torch.randint(n_lib, (n_units,), generator=generator)
             rot = random_rotations(n_units, generator, dtype)
         else:
@@ -307,10 +323,10 @@ class TemporalBackmapper(nn.Module):
                  condition_on_previous: bool = True, length_scale_nm: float = 0.1,
                  environment_cutoff_nm: float = 0.0, environment_neighbors: int = 96, environment_dim: int = 64,
                  n_mixture: int = 10, library_size: int = 2000, latent_prior: str = "conditional",
-                 lag_ps: float = 0.0, metadata: Optional[dict] = None) -> None:
+                 units: str = "molecule", lag_ps: float = 0.0, metadata: Optional[dict] = None) -> None:
         super().__init__()
         self.mapping = mapping
-        self.layout = UnitLayout(mapping)
+        self.layout = UnitLayout(mapping, units)
         if environment_cutoff_nm < 0:
             raise ValueError(f"environment_cutoff_nm must be >= 0; got {environment_cutoff_nm}")
         if latent_prior not in ("mixture", "conditional"):
@@ -320,7 +336,7 @@ class TemporalBackmapper(nn.Module):
                        "length_scale_nm": float(length_scale_nm), "environment_cutoff_nm": float(environment_cutoff_nm),
                        "environment_neighbors": int(environment_neighbors), "environment_dim": int(environment_dim),
                        "n_mixture": int(n_mixture), "library_size": int(library_size), "latent_prior": latent_prior,
-                       "lag_ps": float(lag_ps)}
+                       "units": units, "lag_ps": float(lag_ps)}
         self.metadata = dict(metadata or {})
         self.environment_index: Optional[EnvironmentIndex] = None
         if environment_cutoff_nm > 0:
@@ -332,15 +348,28 @@ class TemporalBackmapper(nn.Module):
         n_types = self.environment_index.n_types if self.environment_index is not None else 0
         self.kinds = nn.ModuleList(
             KindModel(k.n_atoms, k.n_beads, latent_dim, hidden, n_layers, condition_on_previous, n_mixture,
-                      library_size, n_types, environment_dim, environment_cutoff_nm, latent_prior)
+                      library_size, n_types, environment_dim, environment_cutoff_nm, latent_prior, k.n_frame_beads)
             for k in self.layout.kinds)
         hops = _hop_distances(mapping.aa_topology)
         for kind, model in zip(self.layout.kinds, self.kinds):
             model.bead_weights.copy_(torch.as_tensor(kind.weights))
             model.consistency.copy_(torch.as_tensor(_consistency(kind, hops)))
+            model.own_index.copy_(torch.as_tensor(kind.own_beads))
         out = self.layout.output_index
         self._unit_atoms = [torch.as_tensor(out[k.atom_index]) for k in self.layout.kinds]
-        self._unit_beads = [torch.as_tensor(k.bead_index) for k in self.layout.kinds]
+        self._unit_beads = [torch.as_tensor(k.frame_bead_index) for k in self.layout.kinds]
+        # Residue units take frame beads from neighbouring residues: their previous positions are mapped from the
+        # whole previous frame, bead by bead (each bead's atoms made whole first): index and weights, padded.
+        self._bead_atoms: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if any(k.n_frame_beads != k.n_beads for k in self.layout.kinds):
+            rows = mapping._position_matrix().tocsr()[:, self.layout.atoms]
+            width = int(np.diff(rows.indptr).max())
+            index = np.zeros((mapping.n_beads, width), dtype=np.int64)
+            weight = np.zeros((mapping.n_beads, width))
+            for b in range(mapping.n_beads):
+                cols, vals = rows.indices[rows.indptr[b]:rows.indptr[b + 1]], rows.data[rows.indptr[b]:rows.indptr[b + 1]]
+                index[b], index[b, :len(cols)], weight[b, :len(cols)] = cols[0], cols, vals
+            self._bead_atoms = (torch.as_tensor(index), torch.as_tensor(weight))
 
     # -- description -----------------------------------------------------------------------------------
     @property
@@ -413,10 +442,33 @@ class TemporalBackmapper(nn.Module):
 
     # -- the model -------------------------------------------------------------------------------------
     def gather(self, k: int, beads: torch.Tensor, atoms: Optional[torch.Tensor]):
-        """Units of kind ``k`` from frames: beads ``(B, n_beads, 3)`` → ``(B*U, nb, 3)``; output atoms likewise."""
+        """Units of kind ``k`` from frames: frame beads ``(B, n_beads, 3)`` → ``(B*U, n_frame_beads, 3)``; output
+        atoms ``(B, n_atoms, 3)`` → ``(B*U, n_unit_atoms, 3)``."""
         ub = beads[:, self._unit_beads[k]].flatten(0, 1)
         ua = atoms[:, self._unit_atoms[k]].flatten(0, 1) if atoms is not None else None
         return ub, ua
+
+    def unit_frames(self, k: int, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
+                    generator: Optional[torch.Generator] = None):
+        """Local frames of the units of kind ``k`` in ``B`` frames (see :meth:`KindModel.local_frames`): beads
+        ``(B, n_beads, 3)``, previous output atoms ``(B, n_atoms, 3)`` or ``None``, boxes ``(B, 3, 3)`` or ``None``.
+        Returns origins, rotations, local frame beads, local previous atoms and the boxes of the units."""
+        ub, ua = self.gather(k, beads, previous)
+        n_units = self._unit_atoms[k].shape[0]
+        ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
+        prev_beads = None
+        if previous is not None and self._bead_atoms is not None:
+            prev_beads, _ = self.gather(k, self.map_atoms(previous, box), None)
+        origin, rot, lb, lp = self.kinds[k].local_frames(ub, ua, ubox, generator, prev_beads)
+        return origin, rot, lb, lp, ubox
+
+    def map_atoms(self, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
+        """Beads ``(B, n_beads, 3)`` of output atoms ``(B, n_atoms, 3)`` (nm), each bead's atoms made whole."""
+        index, weight = self._bead_atoms
+        grouped = atoms[:, index]  # (B, n_beads, width, 3)
+        if box is not None:
+            grouped = whole(grouped, box.unsqueeze(1))
+        return (weight.to(atoms.dtype).unsqueeze(-1) * grouped).sum(dim=2)
 
     def scatter(self, k: int, out: torch.Tensor, unit_atoms: torch.Tensor) -> None:
         idx = self._unit_atoms[k]
@@ -439,16 +491,13 @@ class TemporalBackmapper(nn.Module):
         n_frames = beads.shape[0]
         out = torch.zeros(n_frames, self.n_atoms, 3, dtype=beads.dtype)
         for k, model in enumerate(self.kinds):
-            ub, ua = self.gather(k, beads, previous)
-            n_units = self._unit_atoms[k].shape[0]
-            ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
-            if not model.condition_on_previous:
-                ua = None  # the frame-based model sees no history (1-2 bead units get a random orientation)
-            origin, rot, lb, lp = model.local_frames(ub, ua, ubox, generator)
+            # the frame-based model sees no history (1-2 frame-bead units get a random orientation)
+            origin, rot, lb, lp, _ = self.unit_frames(k, beads, previous if model.condition_on_previous else None,
+                                                      box, generator)
             dtype = model.atom_template.dtype
             env = self.environment(k, origin, rot, beads, previous if model.condition_on_previous else None, box)
             cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale, env)
-            z = model.sample_latent(len(ub), generator, cond)
+            z = model.sample_latent(len(lb), generator, cond)
             local = model.decode(cond, z, self.length_scale, lb.to(dtype)).to(beads.dtype)
             self.scatter(k, out, origin.unsqueeze(1) + local @ rot.transpose(-1, -2))
         return out

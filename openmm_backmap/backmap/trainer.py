@@ -35,7 +35,7 @@ import torch
 
 from .._training import save_checkpoint, write_log
 from .._physics import BOLTZMANN_KJ_MOL_K
-from .._units import kabsch
+from .._units import kabsch, minimum_image
 from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper
 
 #: Default weights of the loss terms.
@@ -230,7 +230,8 @@ class BackmapperTrainer:
 
     # -- model -----------------------------------------------------------------------------------------
     def _templates(self, model: TemporalBackmapper, data: dict, rng: np.random.Generator) -> None:
-        """Atom/bead templates per kind: iterative superposition (about the bead centroid) of training units."""
+        """Atom and frame-bead templates per kind: iterative superposition of the training units' atoms about the
+        centroid of their frame beads; the frame-bead template is the mean of the frame beads superposed alike."""
         train = data["parts"][0]
         pick = rng.choice(train, size=min(len(train), 2000), replace=False)
         out = torch.as_tensor(data["positions"][pick][:, model.atom_indices])
@@ -238,24 +239,23 @@ class BackmapperTrainer:
         for k, kind in enumerate(model.kinds):
             ub, ua = model.gather(k, beads, out)
             sel = torch.as_tensor(rng.choice(len(ub), size=min(len(ub), 5000), replace=False))
-            w = kind.bead_weights.double()
-            x = ua[sel] - (w @ ua[sel]).mean(dim=1, keepdim=True)
+            centre = ub[sel].mean(dim=1, keepdim=True)
+            x, xb = ua[sel] - centre, ub[sel] - centre
             template = x[0]
             for _ in range(6):
                 rot = kabsch(x, template.expand_as(x))
                 template = (x @ rot.transpose(-1, -2)).mean(dim=0)
-            template = template - (w @ template).mean(dim=0)
-            kind.atom_template.copy_(template.float())
-            kind.bead_template.copy_((w @ template).float())
+            bead_template = (xb @ rot.transpose(-1, -2)).mean(dim=0)
+            shift = bead_template.mean(dim=0)
+            kind.atom_template.copy_((template - shift).float())
+            kind.bead_template.copy_((bead_template - shift).float())
 
     def _unit_batch(self, model, k, beads, previous, target, box, generator):
         """Local frames and local coordinates of the units of kind ``k`` in a batch of frames."""
         kind = model.kinds[k]
-        ub, up = model.gather(k, beads, previous if kind.condition_on_previous else None)
+        origin, rot, lb, lp, ubox = model.unit_frames(k, beads, previous if kind.condition_on_previous else None,
+                                                      box, generator)
         _, ut = model.gather(k, beads, target)
-        n_units = model._unit_atoms[k].shape[0]
-        ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
-        origin, rot, lb, lp = kind.local_frames(ub, up, ubox, generator)
         lt = kind.to_local(ut, origin, rot, ubox)
         env = model.environment(k, origin, rot, beads, previous if kind.condition_on_previous else None, box)
         return origin, rot, lb, lp, lt, env
@@ -292,10 +292,18 @@ class BackmapperTrainer:
                 pi, pj = self._pairs[k]
                 if len(pi):
                     bonded = bonded + ((dp[:, pi, pj] - dt[:, pi, pj]) ** 2).mean() / scale ** 2 / n_kinds
-                cg = cg + ((kind.bead_weights @ pred - lb) ** 2).mean() / scale ** 2 / n_kinds
+                cg = cg + ((kind.bead_weights @ pred - kind.own_beads(lb)) ** 2).mean() / scale ** 2 / n_kinds
                 kl = kl + (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(dim=1)).mean() / n_kinds
                 glob = origin.float().unsqueeze(1) + pred @ rot.float().transpose(-1, -2)
                 pred_global = _scatter_units(pred_global, model._unit_atoms[k], glob)
+            ci, cj = self._cross_pairs
+            if len(ci):  # residue units: bonds and angles between units, on the assembled frame
+                box = batch["box"]
+                dp = minimum_image(pred_global[:, cj] - pred_global[:, ci],
+                                   box.unsqueeze(1).float() if box is not None else None).norm(dim=-1)
+                dt = minimum_image(target[:, cj] - target[:, ci],
+                                   box.unsqueeze(1) if box is not None else None).norm(dim=-1).float()
+                bonded = bonded + ((dp - dt) ** 2).mean() / scale ** 2
             loss = w["position"] * pos + w["distance"] * dist + w["bonded"] * bonded + w["cg"] * cg + beta * kl
             e_term = torch.zeros(())
             if energy is not None and lam > 0 and w["energy"] > 0:
@@ -384,6 +392,7 @@ class BackmapperTrainer:
                                    **self.architecture)
         self._atoms = model.atom_indices
         self._pairs = _local_pairs(self.mapping, model)
+        self._cross_pairs = _cross_unit_pairs(self.mapping, model)
         energy = self._energy_model(data, model)
         kT = BOLTZMANN_KJ_MOL_K * data["temperature"]
         train_part, val_part, test_part = data["parts"]
@@ -659,6 +668,26 @@ def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
         keep = local.row < local.col
         out.append((torch.as_tensor(local.row[keep]), torch.as_tensor(local.col[keep])))
     return out
+
+
+def _cross_unit_pairs(mapping, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output-atom index pairs ``(i, j)`` 1-2 or 1-3 apart in the bond graph whose atoms lie in different units
+    (the peptide bond and its angles between residue units; none between molecules)."""
+    import scipy.sparse as sp
+
+    top = mapping.aa_topology
+    bonds = np.array([[a.index, b.index] for a, b in top.bonds], dtype=np.int64).reshape(-1, 2)
+    n = top.n_atoms
+    adj = sp.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
+    adj = ((adj + adj.T) > 0).astype(np.int64)
+    reach = ((adj + adj @ adj) > 0).tocoo()
+    unit = np.full(n, -1, dtype=np.int64)
+    for k, kind in enumerate(model.layout.kinds):
+        unit[kind.atom_index] = (k * 1_000_000 + np.arange(kind.n_units))[:, None]
+    out = model.layout.output_index
+    keep = (reach.row < reach.col) & (unit[reach.row] >= 0) & (unit[reach.col] >= 0) & \
+        (unit[reach.row] != unit[reach.col])
+    return torch.as_tensor(out[reach.row[keep]]), torch.as_tensor(out[reach.col[keep]])
 
 
 def _scatter_units(out: torch.Tensor, idx: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["minimum_image", "neighbor_pairs"]
+__all__ = ["minimum_image", "neighbor_pairs", "select_pairs"]
 
 
 def minimum_image(delta: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -143,6 +143,38 @@ def neighbor_pairs(
         displacement = minimum_image(displacement, _pair_boxes(box, batch))
     distance = torch.linalg.vector_norm(displacement, dim=-1)
     return batch, first, second, displacement, distance
+
+
+def select_pairs(
+    pairs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    cutoff: float,
+    exclusions: Optional[torch.Tensor],
+    n_beads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs of a :func:`neighbor_pairs` result closer than ``cutoff`` and not in ``exclusions``.
+
+    One search at the largest cutoff then serves several terms (the network and a neighbour-searched prior):
+    ``select_pairs(neighbor_pairs(x, 0.8, box), 0.6, excl, n)`` holds the pairs of
+    ``neighbor_pairs(x, 0.6, box, excl)``, in the same order relative to each other.
+
+    Parameters
+    ----------
+    pairs
+        ``batch, i, j, displacement, distance`` as returned by :func:`neighbor_pairs`.
+    cutoff
+        Cutoff in nm, at most the one of the search.
+    exclusions
+        ``(E, 2)`` int64 pairs of bead indices never to return, or ``None``.
+    n_beads
+        Beads per configuration.
+    """
+    batch, first, second, displacement, distance = pairs
+    keep = distance < cutoff
+    if exclusions is not None:
+        keep = keep & ~_excluded(first, second, exclusions, n_beads)
+    index = keep.nonzero().squeeze(1)
+    return (batch.index_select(0, index), first.index_select(0, index), second.index_select(0, index),
+            displacement.index_select(0, index), distance.index_select(0, index))
 
 
 def _pair_boxes(box: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:

@@ -719,7 +719,8 @@ class NeighborExcludedVolumePrior(torch.nn.Module):
     height.
 
     It has no ``energy_terms_and_gradient`` (its pairs change from call to call), so
-    :class:`.model.CGPotential` evaluates it on its own, with :meth:`energy_and_forces`.
+    :class:`.model.CGPotential` evaluates it on its own, with :meth:`energy_and_forces`, or with
+    :meth:`energy_and_forces_with_pairs` on a neighbour search it shares with the network.
 
     Parameters
     ----------
@@ -800,7 +801,13 @@ class NeighborExcludedVolumePrior(torch.nn.Module):
         """Pairs ``i < j`` within the cutoff: configurations and flat bead indices ``batch * n + i``,
         ``batch * n + j`` ``(P,)``, displacements ``r_j - r_i`` ``(P, 3)``, ``(sigma/r)^n / r^2`` and the
         shifted pair energies ``(P,)``."""
-        batch, i, j, displacement, _ = neighbor_pairs(positions, self.cutoff, box, self.exclusions)
+        return self._pair_terms(positions, neighbor_pairs(positions, self.cutoff, box, self.exclusions))
+
+    def _pair_terms(self, positions: torch.Tensor,
+                    pairs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_pairs` of the pairs found by a neighbour search."""
+        batch, i, j, displacement, _ = pairs
         ti = self.types.index_select(0, i)
         tj = self.types.index_select(0, j)
         dtype = positions.dtype
@@ -821,7 +828,19 @@ class NeighborExcludedVolumePrior(torch.nn.Module):
         """Energies ``(B,)`` in kJ/mol and forces ``(B, n_beads, 3)`` in kJ/mol/nm, without autograd."""
         with torch.no_grad():
             x = positions.detach()
-            batch, i, j, displacement, coef, energy = self._pairs(x, box)
+            return self.energy_and_forces_with_pairs(x, neighbor_pairs(x, self.cutoff, box, self.exclusions))
+
+    @torch.jit.export
+    def energy_and_forces_with_pairs(
+        self, positions: torch.Tensor,
+        pairs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`energy_and_forces` over given pairs: those ``neighbor_pairs(positions, cutoff, box,
+        exclusions)`` returns for this prior's cutoff and exclusions (a search shared with other terms, see
+        :func:`.neighbors.select_pairs`)."""
+        with torch.no_grad():
+            x = positions.detach()
+            batch, i, j, displacement, coef, energy = self._pair_terms(x, pairs)
             total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device).index_add(0, batch, energy)
             # E = (sigma/r)^n with d = r_j - r_i: F_j = n (sigma/r)^n / r^2 d, F_i = -F_j
             force = (self.exponent * coef).unsqueeze(-1) * displacement

@@ -307,8 +307,20 @@ class SchNet(torch.nn.Module):
             ``(B, n_beads, 3)`` forces ``-dE/dr`` in kJ/mol/nm, dtype of ``positions``.
         """
         with torch.no_grad():
+            pairs = neighbor_pairs(positions, self.cutoff, box, self.exclusions)
+        return self.energy_and_forces_with_pairs(positions, pairs)
+
+    @torch.jit.export
+    def energy_and_forces_with_pairs(
+        self, positions: torch.Tensor,
+        pairs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`energy_and_forces` over given pairs: those ``neighbor_pairs(positions, cutoff, box,
+        exclusions)`` returns for this network's cutoff and exclusions (a search shared with other terms, see
+        :func:`.neighbors.select_pairs`)."""
+        with torch.no_grad():
             n_batch = positions.shape[0]
-            source, target, displacement, r = self._graph(positions, box)
+            source, target, displacement, r = self._pair_graph(positions, pairs)
             n_pairs = r.shape[0]
             rbf, centred = self._rbf(r)
             raw, z_filter = self._filter_net(rbf)
@@ -350,9 +362,15 @@ class SchNet(torch.nn.Module):
         """Directed pairs ``source, target`` (flat bead indices, ``2P``: first ``i -> j`` for the ``P`` pairs
         ``i < j``, then ``j -> i``), displacements ``r_j - r_i (P, 3)`` and distances ``(P, 1)`` in the
         parameters' dtype."""
+        return self._pair_graph(positions, neighbor_pairs(positions, self.cutoff, box, self.exclusions))
+
+    def _pair_graph(self, positions: torch.Tensor,
+                    pairs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_graph` of the pairs found by a neighbour search."""
         if positions.shape[1] != self.n_beads:
             raise ValueError("positions must have shape (B, n_beads, 3) with the model's number of beads")
-        batch, first, second, displacement, distance = neighbor_pairs(positions, self.cutoff, box, self.exclusions)
+        batch, first, second, displacement, distance = pairs
         if positions.shape[0] > 1:
             offset = batch * self.n_beads
             first = first + offset
