@@ -651,16 +651,20 @@ def _robust_energy_loss(x: torch.Tensor, delta: float, cap: float = 50.0) -> tor
     return torch.where(a <= cap, huber, tail).mean()
 
 
-def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per kind, the unit-local index pairs ``(i, j)`` of atoms 1-2 or 1-3 apart in the bond graph."""
+def _within_two_bonds(top):
+    """Sparse boolean matrix of the atom pairs 1-2 or 1-3 apart in the bond graph of an mdtraj topology."""
     import scipy.sparse as sp
 
-    top = mapping.aa_topology
     bonds = np.array([[a.index, b.index] for a, b in top.bonds], dtype=np.int64).reshape(-1, 2)
     n = top.n_atoms
     adj = sp.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
     adj = ((adj + adj.T) > 0).astype(np.int64)
-    reach = ((adj + adj @ adj) > 0).tocsr()
+    return ((adj + adj @ adj) > 0).tocsr()
+
+
+def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per kind, the unit-local index pairs ``(i, j)`` of atoms 1-2 or 1-3 apart in the bond graph."""
+    reach = _within_two_bonds(mapping.aa_topology)
     out = []
     for kind in model.layout.kinds:
         atoms = kind.atom_index[0]
@@ -673,15 +677,8 @@ def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _cross_unit_pairs(mapping, model) -> tuple[torch.Tensor, torch.Tensor]:
     """Output-atom index pairs ``(i, j)`` 1-2 or 1-3 apart in the bond graph whose atoms lie in different units
     (the peptide bond and its angles between residue units; none between molecules)."""
-    import scipy.sparse as sp
-
-    top = mapping.aa_topology
-    bonds = np.array([[a.index, b.index] for a, b in top.bonds], dtype=np.int64).reshape(-1, 2)
-    n = top.n_atoms
-    adj = sp.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
-    adj = ((adj + adj.T) > 0).astype(np.int64)
-    reach = ((adj + adj @ adj) > 0).tocoo()
-    unit = np.full(n, -1, dtype=np.int64)
+    reach = _within_two_bonds(mapping.aa_topology).tocoo()
+    unit = np.full(mapping.aa_topology.n_atoms, -1, dtype=np.int64)
     for k, kind in enumerate(model.layout.kinds):
         unit[kind.atom_index] = (k * 1_000_000 + np.arange(kind.n_units))[:, None]
     out = model.layout.output_index
