@@ -367,7 +367,8 @@ class TemporalBackmapper(nn.Module):
             index = np.zeros((mapping.n_beads, width), dtype=np.int64)
             weight = np.zeros((mapping.n_beads, width))
             for b in range(mapping.n_beads):
-                cols, vals = rows.indices[rows.indptr[b]:rows.indptr[b + 1]], rows.data[rows.indptr[b]:rows.indptr[b + 1]]
+                span = slice(rows.indptr[b], rows.indptr[b + 1])
+                cols, vals = rows.indices[span], rows.data[span]
                 index[b], index[b, :len(cols)], weight[b, :len(cols)] = cols[0], cols, vals
             self._bead_atoms = (torch.as_tensor(index), torch.as_tensor(weight))
 
