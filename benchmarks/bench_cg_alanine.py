@@ -6,7 +6,7 @@ AA reference (amber14 + OBC2, 300 K) -> backbone-cb 6-bead map -> priors-only an
 number of blow-ups.  Targets: FES JSD <= 0.05; each bond/angle/dihedral JSD <= 0.02; 0 blow-ups in
 8 replicas × 250 000 steps.
 
-    python benchmarks/bench_cg_alanine.py [--aa-ns 20] [--replicas 8] [--steps 250000] [--epochs 30] [--quick]
+    python benchmarks/bench_cg_alanine.py [--aa-ns 100] [--replicas 8] [--steps 250000] [--epochs 40] [--quick]
 """
 from __future__ import annotations
 
