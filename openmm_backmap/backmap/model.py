@@ -450,26 +450,31 @@ class TemporalBackmapper(nn.Module):
         return ub, ua
 
     def unit_frames(self, k: int, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
-                    generator: Optional[torch.Generator] = None):
+                    generator: Optional[torch.Generator] = None, previous_beads: Optional[torch.Tensor] = None):
         """Local frames of the units of kind ``k`` in ``B`` frames (see :meth:`KindModel.local_frames`): beads
-        ``(B, n_beads, 3)``, previous output atoms ``(B, n_atoms, 3)`` or ``None``, boxes ``(B, 3, 3)`` or ``None``.
+        ``(B, n_beads, 3)``, previous output atoms ``(B, n_atoms, 3)`` or ``None``, boxes ``(B, 3, 3)`` or ``None``,
+        and ``previous_beads``, :meth:`previous_beads` of ``previous`` (computed here if not given; pass it when
+        looping over kinds so that it is computed once).
         Returns origins, rotations, local frame beads, local previous atoms and the boxes of the units."""
         ub, ua = self.gather(k, beads, previous)
         n_units = self._unit_atoms[k].shape[0]
         ubox = box.repeat_interleave(n_units, dim=0) if box is not None else None
-        prev_beads = None
-        if previous is not None and self._bead_atoms is not None:
-            prev_beads, _ = self.gather(k, self.map_atoms(previous, box), None)
-        origin, rot, lb, lp = self.kinds[k].local_frames(ub, ua, ubox, generator, prev_beads)
+        if previous_beads is None:
+            previous_beads = self.previous_beads(previous, box)
+        unit_prev = self.gather(k, previous_beads, None)[0] if previous_beads is not None else None
+        origin, rot, lb, lp = self.kinds[k].local_frames(ub, ua, ubox, generator, unit_prev)
         return origin, rot, lb, lp, ubox
 
-    def map_atoms(self, atoms: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
-        """Beads ``(B, n_beads, 3)`` of output atoms ``(B, n_atoms, 3)`` (nm), each bead's atoms made whole."""
+    def previous_beads(self, previous: Optional[torch.Tensor], box: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Beads ``(B, n_beads, 3)`` mapped from previous output atoms when residue units need them (frame beads
+        of bonded residues), else ``None``; each bead's atoms are made whole first."""
+        if previous is None or self._bead_atoms is None:
+            return None
         index, weight = self._bead_atoms
-        grouped = atoms[:, index]  # (B, n_beads, width, 3)
+        grouped = previous[:, index]  # (B, n_beads, width, 3)
         if box is not None:
             grouped = whole(grouped, box.unsqueeze(1))
-        return (weight.to(atoms.dtype).unsqueeze(-1) * grouped).sum(dim=2)
+        return (weight.to(previous.dtype).unsqueeze(-1) * grouped).sum(dim=2)
 
     def scatter(self, k: int, out: torch.Tensor, unit_atoms: torch.Tensor) -> None:
         idx = self._unit_atoms[k]
@@ -491,10 +496,11 @@ class TemporalBackmapper(nn.Module):
         Returns ``(B, n_atoms, 3)`` nm."""
         n_frames = beads.shape[0]
         out = torch.zeros(n_frames, self.n_atoms, 3, dtype=beads.dtype)
+        previous_beads = self.previous_beads(previous if self.condition_on_previous else None, box)
         for k, model in enumerate(self.kinds):
             # the frame-based model sees no history (1-2 frame-bead units get a random orientation)
             origin, rot, lb, lp, _ = self.unit_frames(k, beads, previous if model.condition_on_previous else None,
-                                                      box, generator)
+                                                      box, generator, previous_beads)
             dtype = model.atom_template.dtype
             env = self.environment(k, origin, rot, beads, previous if model.condition_on_previous else None, box)
             cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale, env)

@@ -250,11 +250,11 @@ class BackmapperTrainer:
             kind.atom_template.copy_((template - shift).float())
             kind.bead_template.copy_((bead_template - shift).float())
 
-    def _unit_batch(self, model, k, beads, previous, target, box, generator):
+    def _unit_batch(self, model, k, beads, previous, target, box, generator, previous_beads=None):
         """Local frames and local coordinates of the units of kind ``k`` in a batch of frames."""
         kind = model.kinds[k]
         origin, rot, lb, lp, ubox = model.unit_frames(k, beads, previous if kind.condition_on_previous else None,
-                                                      box, generator)
+                                                      box, generator, previous_beads)
         _, ut = model.gather(k, beads, target)
         lt = kind.to_local(ut, origin, rot, ubox)
         env = model.environment(k, origin, rot, beads, previous if kind.condition_on_previous else None, box)
@@ -277,9 +277,11 @@ class BackmapperTrainer:
             pred_global = torch.zeros_like(target, dtype=torch.float32)
             pos = dist = bonded = cg = kl = 0.0
             n_kinds = len(model.kinds)
+            prev_k = prev_in.detach() if s == 0 else prev_in
+            prev_beads = model.previous_beads(prev_k if model.condition_on_previous else None, batch["box"])
             for k, kind in enumerate(model.kinds):
                 origin, rot, lb, lp, lt, env = self._unit_batch(
-                    model, k, beads, prev_in.detach() if s == 0 else prev_in, target, batch["box"], generator)
+                    model, k, beads, prev_k, target, batch["box"], generator, prev_beads)
                 lb, lt = lb.float(), lt.float()
                 lp = lp.float() if lp is not None else None
                 cond = kind.condition(lb, lp if kind.condition_on_previous else None, scale, env)
