@@ -8,7 +8,8 @@ The models work residue by residue (``--units residue``, each residue framed by 
 conditioned on their previous atoms within 0.6 nm); ``--units molecule`` is the earlier recipe, the whole chain
 as one unit.
 
-    python benchmarks/bench_backmap_chignolin.py [--units residue] [--epochs 60] [--test-ns 2] [--retrain] [--quick]
+    python benchmarks/bench_backmap_chignolin.py [--units residue] [--epochs 60] [--test-ns 2] [--rollout-steps 0]
+        [--retrain] [--train-only temporal|frame] [--quick]
 
 ``--quick`` (a smoke run) trains on a short AA run of its own (unless the results folder has the data of
 ``bench_cg_chignolin``) and tests on a short one.
@@ -45,7 +46,12 @@ def main() -> None:
     parser.add_argument("--environment-cutoff", type=float, default=None,
                         help="nm (default: 0.6 with residue units, none with one unit)")
     parser.add_argument("--test-ns", type=float, default=2.0, help="length of the AA test run (frames every 0.2 ps)")
+    parser.add_argument("--rollout-steps", type=int, default=0,
+                        help="rollout training of the temporal model (steps fed its own output)")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--train-only", choices=("temporal", "frame"), default=None,
+                        help="train (or retrain) this model, save it and stop: lets the two models train in "
+                             "parallel processes")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 epochs, a 20 ps test run (100 frames) after 1000 equilibration steps, and "
                              "without bench_cg_chignolin's data a 40 ps training run of its own (AA MD on the "
@@ -92,18 +98,23 @@ def main() -> None:
     tag = "" if args.units == "molecule" else f"_{args.units}"
     base = {"hidden": 512, "units": args.units, "environment_cutoff_nm": cutoff}
     for name, arch in (("temporal", {}), ("frame", {"condition_on_previous": False})):
+        if args.train_only not in (None, name):
+            continue
         path = work / f"backmapper_{name}{tag}.pt"
-        if path.exists() and not args.retrain and not args.quick:
+        if path.exists() and not args.retrain and not args.quick and args.train_only is None:
             models[name] = TemporalBackmapper.load(path, mapping)
             continue
         t0 = time.perf_counter()
         models[name] = BackmapperTrainer(mapping, train_path, architecture={**base, **arch},
                                          max_epochs=args.epochs, patience=10, batch_size=64,
                                          log=work / f"training_{name}{tag}.csv", seed=0,
+                                         rollout_steps=args.rollout_steps if name == "temporal" else 0,
                                          ).fit()
         timings[f"train_{name}_s"] = time.perf_counter() - t0
         if not args.quick:
             models[name].save(path)
+    if args.train_only is not None:
+        return
 
     outputs = {}
     for name, model, mode in (("temporal", models["temporal"], "model"), ("frame", models["frame"], "model"),
@@ -134,7 +145,8 @@ def main() -> None:
                                                                               row["passed"])
     record = {"units": args.units, "environment_cutoff_nm": cutoff, "train_data": str(train_path), "train_ns": train_ns, "test_ns": args.test_ns,
               "test_frames": int(len(cg)), "lag_ps": 0.2,
-              "epochs": {n: m.metadata.get("epochs") for n, m in models.items()}, "metrics": rows,
+              "epochs": {n: m.metadata.get("epochs") for n, m in models.items()},
+              "rollout_steps": {n: m.metadata.get("rollout_steps") for n, m in models.items()}, "metrics": rows,
               "timings": timings, "quick": args.quick}
     lines = ["| metric | subject | value | target | met |", "|---|---|---|---|---|"]
     for key, cells in rows.items():

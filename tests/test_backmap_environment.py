@@ -183,3 +183,47 @@ def test_environment_cutoff_larger_than_half_the_box_is_refused(benzene_box):
     beads = mapping.map_positions(xyz[None])[0]
     with pytest.raises(ValueError, match="twice the environment cutoff"):
         _decode_conditions(model, beads, xyz, box)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_one_search_for_all_kinds_equals_one_search_per_kind(periodic):
+    """Residue units of chignolin (9 kinds): the batched search of every kind's environment at once (used per frame
+    in inference and training) gives exactly each kind's own search: same points, types, weights, local frames."""
+    from openmm_backmap._units import random_rotations
+
+    cln = systems.chignolin("obc2")
+    mapping = CGMapping.from_preset(cln.topology, "ca")
+    model = TemporalBackmapper(mapping, hidden=16, latent_dim=4, n_layers=1, library_size=0, units="residue",
+                               environment_cutoff_nm=0.6, environment_neighbors=40, environment_dim=8)
+    index = model.environment_index
+    assert len(model.kinds) == 9
+    xyz = np.asarray(cln.positions.value_in_unit(__import__("openmm").unit.nanometer))[model.atom_indices]
+    rng = np.random.default_rng(4)
+    atoms = torch.as_tensor(np.stack([xyz, xyz + 0.02 * rng.standard_normal(xyz.shape)]))
+    box = None
+    if periodic:  # a box cutting through the molecule, atoms wrapped independently
+        box = torch.as_tensor(np.diag([3.0, 3.2, 3.4])).expand(2, 3, 3).clone()
+        atoms = atoms + torch.as_tensor([1.3, -0.4, 2.9])
+        atoms = atoms - torch.floor(atoms / torch.diagonal(box, dim1=1, dim2=2)[:, None]) * torch.diagonal(
+            box, dim1=1, dim2=2)[:, None]
+    beads = torch.stack([torch.as_tensor(mapping.map_positions(np.asarray(a)[None] if not periodic else
+                                                               _whole_chain(np.asarray(a), box[0].numpy()))[0])
+                         for a in atoms])
+    g = torch.Generator().manual_seed(0)
+    centres = [beads[:, model._unit_beads[k]].mean(2).flatten(0, 1) for k in range(len(model.kinds))]
+    rots = [random_rotations(len(c), g) for c in centres]
+    together = index.neighbors_all(centres, rots, beads, atoms, box)
+    for k in range(len(model.kinds)):
+        alone = index.neighbors(k, centres[k], rots[k], beads, atoms, box)
+        assert (alone.weight > 0).any()
+        for a, b in zip(alone, together[k]):
+            assert torch.equal(a, b)
+
+
+def _whole_chain(xyz, box):
+    """Atoms of one chain made whole again (each atom at the minimum image of its predecessor)."""
+    out = xyz.copy()
+    for i in range(1, len(out)):
+        d = out[i] - out[i - 1]
+        out[i] = out[i - 1] + d - np.round(d / np.diag(box)) * np.diag(box)
+    return out[None]

@@ -78,12 +78,34 @@ class EnvironmentIndex:
         ``None``. Coordinates may carry gradients (rollout training); the search itself does not.
         """
         n_frames = beads.shape[0]
-        units = self.unit_ids[k]
+        return self._neighbors(self.unit_ids[k], centres.reshape(n_frames, -1, 3), rot, beads, previous, box)
+
+    def neighbors_all(self, centres: list[torch.Tensor], rots: list[torch.Tensor], beads: torch.Tensor,
+                      previous: Optional[torch.Tensor], box: Optional[torch.Tensor]) -> list[Neighbors]:
+        """:meth:`neighbors` of every kind (``centres[k]``, ``rots[k]`` as there) from one search per frame: the
+        same result as one call per kind, at the cost of one."""
+        n_frames = beads.shape[0]
+        units = np.concatenate(self.unit_ids)
+        c = torch.cat([x.reshape(n_frames, -1, 3) for x in centres], dim=1)
+        rot = torch.cat([x.reshape(n_frames, -1, 3, 3) for x in rots], dim=1).flatten(0, 1)
+        env = self._neighbors(units, c, rot, beads, previous, box)
+        out, start = [], 0
+        for ids in self.unit_ids:
+            part = slice(start, start + len(ids))
+            out.append(Neighbors(*(t.reshape(n_frames, len(units), *t.shape[1:])[:, part].flatten(0, 1)
+                                   for t in env)))
+            start += len(ids)
+        return out
+
+    def _neighbors(self, units: np.ndarray, c: torch.Tensor, rot: torch.Tensor, beads: torch.Tensor,
+                   previous: Optional[torch.Tensor], box: Optional[torch.Tensor]) -> Neighbors:
+        """Environment of the units ``units`` (ids) with centres ``c`` ``(B, U, 3)`` and rotations ``rot``
+        ``(B*U, 3, 3)``."""
+        n_frames = beads.shape[0]
         n_units = len(units)
         points = beads if previous is None else torch.cat([beads, previous.to(beads.dtype)], dim=1)
         point_unit = self.bead_unit if previous is None else np.concatenate([self.bead_unit, self.atom_unit])
         point_type = self.bead_type if previous is None else np.concatenate([self.bead_type, self.atom_type])
-        c = centres.reshape(n_frames, n_units, 3)
         idx = np.full((n_frames, n_units, self.max_neighbors), -1, dtype=np.int64)
         with torch.no_grad():
             pts_np = points.detach().double().numpy()

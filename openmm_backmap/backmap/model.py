@@ -131,9 +131,10 @@ class KindModel(nn.Module):
         dtype = beads.dtype
         beads = whole(beads, box)
         origin = beads.mean(dim=1)
+        centred = beads - origin.unsqueeze(1)
+        oriented = self.n_frame_beads >= 3
+        bead_template = self.bead_template.to(dtype).expand(len(beads), -1, -1) if oriented else None
         rot = None
-        if self.n_frame_beads >= 3:
-            rot = kabsch(self.bead_template.to(dtype).expand(len(beads), -1, -1), beads - origin.unsqueeze(1))
         local_previous = None
         if previous is not None:
             if previous_beads is None:
@@ -143,19 +144,22 @@ class KindModel(nn.Module):
                 joint = whole(torch.cat([previous_beads.to(dtype), previous], dim=1), box)
                 prev_beads, previous = joint[:, :self.n_frame_beads], joint[:, self.n_frame_beads:]
             prev_origin = prev_beads.mean(dim=1, keepdim=True)
-            if self.n_frame_beads >= 3:
-                prev_rot = kabsch(self.bead_template.to(dtype).expand(len(beads), -1, -1), prev_beads - prev_origin)
+            if oriented:  # both frames' rotations in one call
+                both = kabsch(torch.cat([bead_template, bead_template]), torch.cat([centred, prev_beads - prev_origin]))
+                rot, prev_rot = both[:len(beads)], both[len(beads):]
             else:  # no orientation in the beads: the previous atoms give it, to both frames
                 tpl = self.atom_template.to(dtype)
                 prev_rot = kabsch((tpl - tpl.mean(0)).expand(len(beads), -1, -1),
                                   previous - previous.mean(1, keepdim=True))
                 rot = prev_rot
             local_previous = (previous - prev_origin) @ prev_rot
+        elif oriented:
+            rot = kabsch(bead_template, centred)
         if rot is None:
             if generator is None:
                 raise ValueError("units with fewer than 3 beads need the previous AA frame for their orientation")
             rot = random_rotations(len(beads), generator, dtype)
-        local_beads = (beads - origin.unsqueeze(1)) @ rot
+        local_beads = centred @ rot
         return origin, rot, local_beads, local_previous
 
     def _imaged(self, atoms: torch.Tensor, origin: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
@@ -242,7 +246,9 @@ class KindModel(nn.Module):
             if cond is None:
                 raise ValueError("this model's latent prior is conditional: give the condition")
             log_w, means, log_std = (t.double().cpu() for t in self.latent_distribution(cond))
-            comp = torch.multinomial(log_w.exp(), 1, generator=generator).squeeze(1)
+            # component by inverse CDF (torch.multinomial costs ~0.1 ms per call, a sizeable part of a frame)
+            u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+            comp = (log_w.exp().cumsum(1) < u).sum(1).clamp(max=self.n_mixture - 1)
             rows = torch.arange(n)
             eps = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
             z = means[rows, comp] + log_std[rows, comp].exp() * eps
@@ -488,7 +494,7 @@ class TemporalBackmapper(nn.Module):
             return None
         return self.environment_index.neighbors(k, origin, rot, beads, previous, box)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_frames(self, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
                       generator: torch.Generator) -> torch.Tensor:
         """One autoregressive step for ``B`` independent frames: beads ``(B, n_beads, 3)``, previous output atoms
@@ -496,16 +502,21 @@ class TemporalBackmapper(nn.Module):
         Returns ``(B, n_atoms, 3)`` nm."""
         n_frames = beads.shape[0]
         out = torch.zeros(n_frames, self.n_atoms, 3, dtype=beads.dtype)
-        previous_beads = self.previous_beads(previous if self.condition_on_previous else None, box)
-        for k, model in enumerate(self.kinds):
-            # the frame-based model sees no history (1-2 frame-bead units get a random orientation)
-            origin, rot, lb, lp, _ = self.unit_frames(k, beads, previous if model.condition_on_previous else None,
-                                                      box, generator, previous_beads)
+        # the frame-based model sees no history (1-2 frame-bead units get a random orientation)
+        previous = previous if self.condition_on_previous else None
+        previous_beads = self.previous_beads(previous, box)
+        frames = [self.unit_frames(k, beads, previous, box, generator, previous_beads)
+                  for k in range(len(self.kinds))]
+        envs: list = [None] * len(self.kinds)
+        if self.environment_index is not None:  # one neighbour search per frame for all kinds
+            envs = self.environment_index.neighbors_all([f[0] for f in frames], [f[1] for f in frames], beads,
+                                                        previous, box)
+        for k, (model, (origin, rot, lb, lp, _), env) in enumerate(zip(self.kinds, frames, envs)):
             dtype = model.atom_template.dtype
-            env = self.environment(k, origin, rot, beads, previous if model.condition_on_previous else None, box)
-            cond = model.condition(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale, env)
+            lb = lb.to(dtype)
+            cond = model.condition(lb, lp.to(dtype) if lp is not None else None, self.length_scale, env)
             z = model.sample_latent(len(lb), generator, cond)
-            local = model.decode(cond, z, self.length_scale, lb.to(dtype)).to(beads.dtype)
+            local = model.decode(cond, z, self.length_scale, lb).to(beads.dtype)
             self.scatter(k, out, origin.unsqueeze(1) + local @ rot.transpose(-1, -2))
         return out
 

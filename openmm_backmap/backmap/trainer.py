@@ -250,15 +250,21 @@ class BackmapperTrainer:
             kind.atom_template.copy_((template - shift).float())
             kind.bead_template.copy_((bead_template - shift).float())
 
-    def _unit_batch(self, model, k, beads, previous, target, box, generator, previous_beads=None):
-        """Local frames and local coordinates of the units of kind ``k`` in a batch of frames."""
-        kind = model.kinds[k]
-        origin, rot, lb, lp, ubox = model.unit_frames(k, beads, previous if kind.condition_on_previous else None,
-                                                      box, generator, previous_beads)
-        _, ut = model.gather(k, beads, target)
-        lt = kind.to_local(ut, origin, rot, ubox)
-        env = model.environment(k, origin, rot, beads, previous if kind.condition_on_previous else None, box)
-        return origin, rot, lb, lp, lt, env
+    def _unit_batches(self, model, beads, previous, target, box, generator, previous_beads=None):
+        """Local frames, local coordinates and environments of the units of every kind in a batch of frames (one
+        neighbour search per frame for all kinds)."""
+        previous = previous if model.condition_on_previous else None
+        frames = [model.unit_frames(k, beads, previous, box, generator, previous_beads)
+                  for k in range(len(model.kinds))]
+        envs: list = [None] * len(model.kinds)
+        if model.environment_index is not None:
+            envs = model.environment_index.neighbors_all([f[0] for f in frames], [f[1] for f in frames], beads,
+                                                         previous, box)
+        out = []
+        for k, ((origin, rot, lb, lp, ubox), env) in enumerate(zip(frames, envs)):
+            _, ut = model.gather(k, beads, target)
+            out.append((origin, rot, lb, lp, model.kinds[k].to_local(ut, origin, rot, ubox), env))
+        return out
 
     def _losses(self, model, energy, batch, generator, lam, beta, kT):
         """Loss terms of one batch; returns (total, dict of detached terms, last predictions)."""
@@ -279,9 +285,8 @@ class BackmapperTrainer:
             n_kinds = len(model.kinds)
             prev_k = prev_in.detach() if s == 0 else prev_in
             prev_beads = model.previous_beads(prev_k if model.condition_on_previous else None, batch["box"])
-            for k, kind in enumerate(model.kinds):
-                origin, rot, lb, lp, lt, env = self._unit_batch(
-                    model, k, beads, prev_k, target, batch["box"], generator, prev_beads)
+            units = self._unit_batches(model, beads, prev_k, target, batch["box"], generator, prev_beads)
+            for k, (kind, (origin, rot, lb, lp, lt, env)) in enumerate(zip(model.kinds, units)):
                 lb, lt = lb.float(), lt.float()
                 lp = lp.float() if lp is not None else None
                 cond = kind.condition(lb, lp if kind.condition_on_previous else None, scale, env)
@@ -562,9 +567,10 @@ class BackmapperTrainer:
                 if noise and self.previous_noise_nm and model.condition_on_previous:
                     previous = previous + self.previous_noise_nm * torch.randn(previous.shape, generator=generator,
                                                                                dtype=previous.dtype)
-                for k, kind in enumerate(model.kinds):
-                    _, _, lb, lp, lt, env = self._unit_batch(model, k, batch["beads"][0], previous,
-                                                             batch["targets"][0], batch["box"], generator)
+                prev_beads = model.previous_beads(previous if model.condition_on_previous else None, batch["box"])
+                units = self._unit_batches(model, batch["beads"][0], previous, batch["targets"][0], batch["box"],
+                                           generator, prev_beads)
+                for k, (kind, (_, _, lb, lp, lt, env)) in enumerate(zip(model.kinds, units)):
                     cond = kind.condition(lb.float(), lp.float() if kind.condition_on_previous else None,
                                           model.length_scale, env)
                     mu, logvar = kind.encode(lt.float(), cond, model.length_scale)
