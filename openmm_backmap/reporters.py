@@ -160,6 +160,10 @@ class BackmapReporter:
         settings: every frame is minimised with the AA force field (beads restrained in place) before it is written
         and before it conditions the next frame. Removes the intermolecular hydrogen overlaps of liquids at a cost
         of seconds per frame of a few thousand atoms; see ``docs/liquids.md``.
+    candidates
+        Latent draws per residue and frame for backmappers with residue units (default 1): one candidate per
+        residue is kept, drawn in chain order with weights from the bonds to the residues before it (see
+        :class:`~openmm_backmap.backmap.inference.BackmapChain`). Checked before the first step.
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class BackmapReporter:
         live_pdb: str | os.PathLike | None = None,
         mode: str = "model",
         relax: Any = None,
+        candidates: int = 1,
     ) -> None:
         from .formats import topology_pdb_path, trajectory_format
 
@@ -203,6 +208,8 @@ class BackmapReporter:
         from .backmap.relax import as_relaxer
 
         self._relaxer = as_relaxer(relax, backmapper)  # checked (and built) before any step
+        self._candidates = backmapper._check_candidates(candidates) if hasattr(backmapper, "_check_candidates") \
+            else int(candidates)
         self._first_frame = self._read_first_frame(first_frame)
         self._live_path = Path(live_pdb) if live_pdb is not None else None
         if self._live_path is not None:
@@ -265,7 +272,8 @@ class BackmapReporter:
                           f"behave worse (report every {lag / dt_ps:g} steps to match)", stacklevel=3)
         step = simulation.currentStep
         restart = self._start_step if self._start_step is not None else step - 1
-        self._chain = bm.chain(seed=self._seed, n_replicas=1, mode=self._mode, relax=self._relaxer)
+        self._chain = bm.chain(seed=self._seed, n_replicas=1, mode=self._mode, relax=self._relaxer,
+                               candidates=self._candidates)
         previous = self._first_frame
         if self._append and self._path.exists() and self._path.stat().st_size > 0:
             stored = existing_steps(self._path, dt_ps)

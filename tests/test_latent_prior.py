@@ -176,18 +176,19 @@ def test_the_default_prior_is_conditional(tiny_backmapper):
 
 
 def test_version_1_files_load_as_mixture_models(mixture_backmapper, tmp_path):
-    """Files written before the conditional prior existed (format version 1, no ``latent_prior`` and no
-    ``units``) still load, as mixture models of molecule units."""
+    """Files written before the conditional prior existed (format version 1, no ``latent_prior``, no ``units``, no
+    ``link_geometry``) still load, as mixture models of molecule units."""
     tiny_backmapper = mixture_backmapper
     assert tiny_backmapper.kinds[0].latent_prior is None and "latent_prior_fit" not in tiny_backmapper.metadata
     path = tmp_path / "bm.pt"
     tiny_backmapper.save(path)
     blob = torch.load(path, weights_only=True)
     header = json.loads(blob["header"])
-    assert header["format_version"] == 3 and header["config"]["latent_prior"] == "mixture"
+    assert header["format_version"] == 4 and header["config"]["latent_prior"] == "mixture"
     header["format_version"] = 1
     del header["config"]["latent_prior"], header["config"]["units"]
     blob["header"] = json.dumps(header)
+    del blob["state_dict"]["link_geometry"]
     old = tmp_path / "v1.pt"
     torch.save(blob, old)
     loaded = TemporalBackmapper.load(old)

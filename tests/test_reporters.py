@@ -287,6 +287,8 @@ def test_bad_arguments_and_lag_mismatch(cg_setup, tiny_backmapper, tmp_path):
         BackmapReporter(tmp_path / "aa.dcd", 10, tiny_backmapper, first_frame=np.zeros((5, 3)))
     with pytest.raises(ValueError, match="live_pdb .* would overwrite"):
         BackmapReporter(tmp_path / "aa.dcd", 10, tiny_backmapper, live_pdb=tmp_path / "aa.pdb")
+    with pytest.raises(ValueError, match="candidates > 1 needs units joined by bonds"):
+        BackmapReporter(tmp_path / "aa.dcd", 10, tiny_backmapper, candidates=8)
     # frames 0.05 ps apart for a backmapper trained at 0.1 ps: one warning, at the first report
     sim = _simulation(cg_setup)
     reporter = BackmapReporter(tmp_path / "aa.pdb", INTERVAL // 2, tiny_backmapper)

@@ -33,14 +33,22 @@ class BackmapChain:
         Optional :class:`~openmm_backmap.backmap.Relaxer` (or the AA ``openmm.System``, for one with default
         settings): every frame is minimised with the AA force field, beads held in place, and the relaxed frame is
         both the output and the condition of the next step.
+    candidates
+        Latent draws per unit and step (default 1). With residue units, ``candidates`` > 1 decodes every residue
+        that many times (one batched network call per kind, as for one draw) and keeps one candidate per residue,
+        drawn in chain order with probability ∝ exp(−½ Σ((d − μ)/σ)²) over the bonds and angles joining it to the
+        residues already placed (μ, σ: their distances in the training data). This is sequential importance
+        resampling of the product of the per-residue model and the data's geometry across residues: it repairs
+        the peptide bonds that two independently sampled residues would otherwise break.
     """
 
     def __init__(self, backmapper, *, seed: int = 0, n_replicas: int = 1, mode: str = "model",
-                 relax: Any = None) -> None:
+                 relax: Any = None, candidates: int = 1) -> None:
         from .relax import as_relaxer
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        self.candidates = backmapper._check_candidates(candidates)
         self.relaxer = as_relaxer(relax, backmapper)
         self.backmapper = backmapper.eval()
         self.n_replicas = int(n_replicas)
@@ -99,7 +107,8 @@ class BackmapChain:
         if self.mode == "library" or (self._previous is None and bm.condition_on_previous):
             out = bm.library_frames(beads, box, self.generator)
         else:
-            out = bm.decode_frames(beads, self._previous if bm.condition_on_previous else None, box, self.generator)
+            out = bm.decode_frames(beads, self._previous if bm.condition_on_previous else None, box, self.generator,
+                                   self.candidates)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"backmapping produced non-finite coordinates at chain step {self.n_steps}")
         if self.relaxer is not None:
@@ -111,7 +120,7 @@ class BackmapChain:
 
 
 def backmap_array(backmapper, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
-                  first_frame_nm: Any = None, mode: str = "model", relax: Any = None,
+                  first_frame_nm: Any = None, mode: str = "model", relax: Any = None, candidates: int = 1,
                   progress: bool = False) -> np.ndarray:
     """Backmap a whole CG trajectory ``(n_frames, n_beads, 3)`` nm; see
     :meth:`~openmm_backmap.backmap.TemporalBackmapper.backmap_trajectory`."""
@@ -124,7 +133,7 @@ def backmap_array(backmapper, cg_positions_nm: Any, box_vectors_nm: Any = None, 
         boxes = np.broadcast_to(boxes, (len(xyz), 3, 3)) if boxes.ndim == 2 else boxes
         if len(boxes) != len(xyz):
             raise ValueError(f"{len(boxes)} boxes for {len(xyz)} CG frames")
-    chain = BackmapChain(backmapper, seed=seed, mode=mode, relax=relax)
+    chain = BackmapChain(backmapper, seed=seed, mode=mode, relax=relax, candidates=candidates)
     out = np.empty((len(xyz), backmapper.n_atoms, 3), dtype=np.float64)
     start = 0
     if first_frame_nm is not None:

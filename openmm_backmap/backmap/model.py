@@ -47,7 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT = "openmm-backmap/backmapper"
 #: 2: ``latent_prior`` (conditional latent prior) in the architecture. 3: ``units`` (molecules or residues).
-FORMAT_VERSION = 3
+#: 4: ``link_geometry`` (distances of the bonds and angles between residue units, for ``candidates``).
+FORMAT_VERSION = 4
 
 #: Bounds of the conditional prior's log standard deviations (in latent units).
 _PRIOR_LOG_STD = (-7.0, 2.0)
@@ -363,6 +364,12 @@ class TemporalBackmapper(nn.Module):
             model.own_index.copy_(torch.as_tensor(kind.own_beads))
         out = self.layout.output_index
         self._unit_atoms = [torch.as_tensor(out[k.atom_index]) for k in self.layout.kinds]
+        #: output-atom pairs 1-2 or 1-3 apart in the bond graph that lie in different units (the peptide bonds and
+        #: their angles between residue units; none between molecules), and their mean and standard deviation
+        #: (nm) in the training data, fitted by :meth:`fit_link_geometry`
+        self.cross_pairs = _cross_unit_pairs(mapping, self.layout)
+        self.register_buffer("link_geometry", torch.zeros(len(self.cross_pairs[0]), 2, dtype=torch.float64))
+        self._link_plan = _link_plan(self.layout, self._unit_atoms, self.cross_pairs)
         self._unit_beads = [torch.as_tensor(k.frame_bead_index) for k in self.layout.kinds]
         # Residue units take frame beads from neighbouring residues: their previous positions are mapped from the
         # whole previous frame, bead by bead (each bead's atoms made whole first): index and weights, padded.
@@ -496,12 +503,15 @@ class TemporalBackmapper(nn.Module):
 
     @torch.inference_mode()
     def decode_frames(self, beads: torch.Tensor, previous: Optional[torch.Tensor], box: Optional[torch.Tensor],
-                      generator: torch.Generator) -> torch.Tensor:
+                      generator: torch.Generator, candidates: int = 1) -> torch.Tensor:
         """One autoregressive step for ``B`` independent frames: beads ``(B, n_beads, 3)``, previous output atoms
         ``(B, n_atoms, 3)`` (or ``None`` for the frame-based model), boxes ``(B, 3, 3)`` or ``None``; nm, float64.
-        Returns ``(B, n_atoms, 3)`` nm."""
+        With ``candidates`` > 1 (residue units), every unit is decoded from that many latent draws and, in chain
+        order, one candidate is drawn with weights given by the fitted distances of the bonds and angles that join
+        it to the units placed before it (see :meth:`_pick_linked`). Returns ``(B, n_atoms, 3)`` nm."""
         n_frames = beads.shape[0]
         out = torch.zeros(n_frames, self.n_atoms, 3, dtype=beads.dtype)
+        m = self._check_candidates(candidates)
         # the frame-based model sees no history (1-2 frame-bead units get a random orientation)
         previous = previous if self.condition_on_previous else None
         previous_beads = self.previous_beads(previous, box)
@@ -511,14 +521,59 @@ class TemporalBackmapper(nn.Module):
         if self.environment_index is not None:  # one neighbour search per frame for all kinds
             envs = self.environment_index.neighbors_all([f[0] for f in frames], [f[1] for f in frames], beads,
                                                         previous, box)
+        decoded = []
         for k, (model, (origin, rot, lb, lp, _), env) in enumerate(zip(self.kinds, frames, envs)):
             dtype = model.atom_template.dtype
             lb = lb.to(dtype)
             cond = model.condition(lb, lp.to(dtype) if lp is not None else None, self.length_scale, env)
+            if m > 1:
+                cond, lb = cond.repeat_interleave(m, dim=0), lb.repeat_interleave(m, dim=0)
+                origin, rot = origin.repeat_interleave(m, dim=0), rot.repeat_interleave(m, dim=0)
             z = model.sample_latent(len(lb), generator, cond)
             local = model.decode(cond, z, self.length_scale, lb).to(beads.dtype)
-            self.scatter(k, out, origin.unsqueeze(1) + local @ rot.transpose(-1, -2))
+            glob = origin.unsqueeze(1) + local @ rot.transpose(-1, -2)
+            if m == 1:
+                self.scatter(k, out, glob)
+            else:
+                decoded.append(glob.view(n_frames, -1, m, *glob.shape[1:]))
+        if m > 1:
+            self._pick_linked(out, decoded, box, generator)
         return out
+
+    def _check_candidates(self, candidates: int) -> int:
+        if isinstance(candidates, bool) or int(candidates) != candidates or candidates < 1:
+            raise ValueError(f"candidates must be an integer >= 1; got {candidates!r}")
+        if candidates > 1:
+            if len(self.cross_pairs[0]) == 0:
+                raise ValueError("candidates > 1 needs units joined by bonds (units='residue'); this backmapper's "
+                                 "units share none")
+            if not self.has_link_geometry:
+                raise ValueError("candidates > 1 needs the fitted distances between units: call "
+                                 "fit_link_geometry(aa_frames) (backmappers trained before format version 4)")
+        return int(candidates)
+
+    def _pick_linked(self, out: torch.Tensor, decoded: list[torch.Tensor], box: Optional[torch.Tensor],
+                     generator: torch.Generator) -> None:
+        """Sequential importance resampling along the chain: for every unit (chain order) one of its candidates
+        ``decoded[k][:, unit]`` ``(B, M, n, 3)`` is drawn with probability proportional to
+        ``exp(-½ Σ ((d - μ) / σ)²)`` over its bonds and angles to units already placed in ``out``, whose mean
+        ``μ`` and spread ``σ`` come from the training data (:attr:`link_geometry`): the product of the per-unit
+        model and the data's geometry across units."""
+        rows_b = torch.arange(out.shape[0])
+        geometry = self.link_geometry.to(out.dtype)
+        for k, j, local, partner, rows in self._link_plan:
+            cand = decoded[k][:, j]  # (B, M, n, 3)
+            if len(local):
+                delta = cand[:, :, local] - out[:, None, partner]
+                d = minimum_image(delta, box[:, None, None] if box is not None else None).norm(dim=-1)
+                mean, std = geometry[rows, 0], geometry[rows, 1]
+                log_w = -0.5 * (((d - mean) / std) ** 2).sum(dim=-1)  # (B, M)
+                w = torch.softmax(log_w, dim=1)
+                u = torch.rand(out.shape[0], 1, generator=generator, dtype=w.dtype)
+                pick = (w.cumsum(dim=1) < u).sum(dim=1).clamp(max=cand.shape[1] - 1)
+            else:
+                pick = torch.zeros(out.shape[0], dtype=torch.long)
+            out[:, self._unit_atoms[k][j]] = cand[rows_b, pick]
 
     @torch.no_grad()
     def library_frames(self, beads: torch.Tensor, box: Optional[torch.Tensor], generator: torch.Generator):
@@ -531,12 +586,45 @@ class TemporalBackmapper(nn.Module):
             self.scatter(k, out, model.library_lookup(ub, ubox, generator))
         return out
 
+    def fit_link_geometry(self, aa_positions_nm: Any, box_vectors_nm: Any = None) -> None:
+        """Fit :attr:`link_geometry`, the mean and standard deviation (nm) of every distance in :attr:`cross_pairs`
+        (bonds and angles between residue units), from AA frames ``(n_frames, n_atoms, 3)`` in nm (the backmapped
+        atoms, :attr:`atom_indices`; or all atoms of the mapping's topology) with optional boxes ``(n_frames, 3, 3)``.
+        The trainer calls it on its training frames; it is what ``candidates > 1`` scores against."""
+        from .._validation import as_box_vectors, as_coordinates, check_finite
+
+        n_all = self.mapping.aa_topology.n_atoms
+        xyz = np.asarray(aa_positions_nm, dtype=np.float64)
+        if xyz.ndim == 3 and xyz.shape[1] == n_all and n_all != self.n_atoms:
+            xyz = xyz[:, self.atom_indices]
+        xyz = as_coordinates(xyz, self.n_atoms, name="AA frames")
+        xyz = xyz[None] if xyz.ndim == 2 else xyz
+        check_finite(xyz, name="AA frames")
+        ci, cj = self.cross_pairs
+        if len(ci) == 0:
+            return
+        box = None
+        if box_vectors_nm is not None:
+            box = as_box_vectors(box_vectors_nm)
+            box = torch.as_tensor(np.broadcast_to(box, (len(xyz), 3, 3)) if box.ndim == 2 else box)
+        x = torch.as_tensor(xyz)
+        d = minimum_image(x[:, cj] - x[:, ci], box.unsqueeze(1) if box is not None else None).norm(dim=-1)
+        std = d.std(dim=0) if len(d) > 1 else torch.zeros(len(ci), dtype=d.dtype)
+        self.link_geometry = torch.stack([d.mean(dim=0), std.clamp(min=1e-4)], dim=1).double()
+
+    @property
+    def has_link_geometry(self) -> bool:
+        """Whether :attr:`link_geometry` is fitted (models of format version 4 and later; see
+        :meth:`fit_link_geometry`)."""
+        return len(self.link_geometry) > 0 and bool((self.link_geometry[:, 1] > 0).all())
+
     # -- inference -------------------------------------------------------------------------------------
-    def chain(self, *, seed: int = 0, n_replicas: int = 1, mode: str = "model", relax: Any = None) -> "BackmapChain":
+    def chain(self, *, seed: int = 0, n_replicas: int = 1, mode: str = "model", relax: Any = None,
+              candidates: int = 1) -> "BackmapChain":
         """A stateful autoregressive backmapping of ``n_replicas`` trajectories (see :class:`BackmapChain`)."""
         from .inference import BackmapChain
 
-        return BackmapChain(self, seed=seed, n_replicas=n_replicas, mode=mode, relax=relax)
+        return BackmapChain(self, seed=seed, n_replicas=n_replicas, mode=mode, relax=relax, candidates=candidates)
 
     def sample(self, cg_positions_nm: Any, previous_aa_positions_nm: Any = None, n: int = 1, *,
                box_vectors_nm: Any = None, seed: int = 0) -> np.ndarray:
@@ -579,18 +667,20 @@ class TemporalBackmapper(nn.Module):
 
     def backmap_trajectory(self, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
                            first_frame_nm: Any = None, mode: str = "model", relax: Any = None,
-                           progress: bool = False) -> np.ndarray:
+                           candidates: int = 1, progress: bool = False) -> np.ndarray:
         """Backmap a CG trajectory ``(n_frames, n_beads, 3)`` (nm) to ``(n_frames, n_atoms, 3)`` (nm).
 
         ``first_frame_nm`` (``(n_atoms, 3)``, the output atoms) replaces the library pick for frame 0.
         ``mode`` is ``"model"``, or ``"library"`` for the library-lookup baseline. ``relax`` (a
         :class:`~openmm_backmap.backmap.Relaxer` or the AA ``openmm.System``) minimises every frame with the AA
-        force field, beads held in place, before it conditions the next one.
+        force field, beads held in place, before it conditions the next one. ``candidates`` > 1 (residue units)
+        decodes every residue from that many latent draws and keeps one per residue, drawn in chain order with
+        weights from the bonds and angles that join it to the residues before it (see :class:`BackmapChain`).
         """
         from .inference import backmap_array
 
         return backmap_array(self, cg_positions_nm, box_vectors_nm, seed=seed, first_frame_nm=first_frame_nm,
-                             mode=mode, relax=relax, progress=progress)
+                             mode=mode, relax=relax, candidates=candidates, progress=progress)
 
     # -- files -----------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -639,6 +729,8 @@ class TemporalBackmapper(nn.Module):
             for k, kind in enumerate(model.kinds):  # library sizes differ per kind
                 for name in ("library_atoms", "library_beads"):
                     setattr(kind, name, torch.zeros_like(state[f"kinds.{k}.{name}"]))
+            if "link_geometry" not in state:  # version <= 3: not fitted (see fit_link_geometry)
+                state = {**state, "link_geometry": torch.zeros_like(model.link_geometry)}
             model.load_state_dict(state)
         except (KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"{path}: corrupt or incompatible backmapper ({type(exc).__name__}: {exc})") from exc
@@ -681,3 +773,51 @@ def _consistency(kind: UnitKind, hops) -> np.ndarray:
         return assign @ np.linalg.inv(coupling)
     except np.linalg.LinAlgError:
         return assign @ np.linalg.pinv(coupling)
+
+
+def _within_two_bonds(top):
+    """Sparse boolean matrix of the atom pairs 1-2 or 1-3 apart in the bond graph of an mdtraj topology."""
+    import scipy.sparse as sp
+
+    bonds = np.array([[a.index, b.index] for a, b in top.bonds], dtype=np.int64).reshape(-1, 2)
+    n = top.n_atoms
+    adj = sp.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
+    adj = ((adj + adj.T) > 0).astype(np.int64)
+    return ((adj + adj @ adj) > 0).tocsr()
+
+
+def _cross_unit_pairs(mapping, layout: UnitLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output-atom index pairs ``(i, j)`` 1-2 or 1-3 apart in the bond graph whose atoms lie in different units
+    (the peptide bond and its angles between residue units; none between molecules)."""
+    reach = _within_two_bonds(mapping.aa_topology).tocoo()
+    unit = np.full(mapping.aa_topology.n_atoms, -1, dtype=np.int64)
+    for k, kind in enumerate(layout.kinds):
+        unit[kind.atom_index] = (k * 1_000_000 + np.arange(kind.n_units))[:, None]
+    out = layout.output_index
+    keep = (reach.row < reach.col) & (unit[reach.row] >= 0) & (unit[reach.col] >= 0) & \
+        (unit[reach.row] != unit[reach.col])
+    return torch.as_tensor(out[reach.row[keep]]), torch.as_tensor(out[reach.col[keep]])
+
+
+def _link_plan(layout: UnitLayout, unit_atoms: list[torch.Tensor], cross_pairs) -> list[tuple]:
+    """Units in chain order (by their first output atom), each as ``(kind, unit, local atoms, partner atoms,
+    pair rows)``: the unit's atoms (indices within the unit) in a cross-unit pair whose partner (output index)
+    belongs to a unit earlier in that order, and the pair's row in :attr:`TemporalBackmapper.link_geometry`."""
+    ci, cj = (np.asarray(c) for c in cross_pairs)
+    units = [(int(atoms[j].min()), k, j) for k, atoms in enumerate(unit_atoms) for j in range(atoms.shape[0])]
+    placed: set[int] = set()
+    plan = []
+    for _, k, j in sorted(units):
+        atoms = unit_atoms[k][j].numpy()
+        where = {int(a): i for i, a in enumerate(atoms)}
+        local, partner, rows = [], [], []
+        for p, (a, b) in enumerate(zip(ci, cj)):
+            for own, other in ((int(a), int(b)), (int(b), int(a))):
+                if own in where and other in placed:
+                    local.append(where[own])
+                    partner.append(other)
+                    rows.append(p)
+        plan.append((k, j, torch.as_tensor(local, dtype=torch.long), torch.as_tensor(partner, dtype=torch.long),
+                     torch.as_tensor(rows, dtype=torch.long)))
+        placed.update(int(a) for a in atoms)
+    return plan

@@ -64,7 +64,7 @@ def _as_openmm_or_none(topology: Any):
 
 def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, topology: Any = None,
             seed: int = 0, first_frame_nm: Any = None, mode: str = "model", stride: int = 1,
-            relax: Any = None, progress: bool = True) -> Path:
+            relax: Any = None, candidates: int = 1, progress: bool = True) -> Path:
     """Backmap a CG trajectory file and write the AA trajectory.
 
     Parameters
@@ -87,6 +87,8 @@ def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, t
     relax
         Optional :class:`~openmm_backmap.backmap.Relaxer` or AA ``openmm.System``: minimise every frame with the AA
         force field, beads held in place (see :class:`~openmm_backmap.backmap.BackmapChain`).
+    candidates
+        Latent draws per residue for residue-unit backmappers (see :class:`~openmm_backmap.backmap.BackmapChain`).
 
     Returns
     -------
@@ -114,7 +116,7 @@ def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, t
                          f"the backmapper expects {backmapper.n_beads} beads")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    chain = backmapper.chain(seed=seed, mode=mode, relax=relax)
+    chain = backmapper.chain(seed=seed, mode=mode, relax=relax, candidates=candidates)
     if first_frame_nm is not None:
         chain.previous = first_frame_nm
     frames = range(len(xyz))

@@ -36,7 +36,7 @@ import torch
 from .._training import save_checkpoint, write_log
 from .._physics import BOLTZMANN_KJ_MOL_K
 from .._units import kabsch, minimum_image
-from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper
+from .model import DEFAULT_ARCHITECTURE, TemporalBackmapper, _within_two_bonds
 
 #: Default weights of the loss terms.
 DEFAULT_LOSS_WEIGHTS = {"position": 1.0, "distance": 1.0, "bonded": 30.0, "cg": 1.0, "energy": 0.01}
@@ -399,7 +399,7 @@ class BackmapperTrainer:
                                    **self.architecture)
         self._atoms = model.atom_indices
         self._pairs = _local_pairs(self.mapping, model)
-        self._cross_pairs = _cross_unit_pairs(self.mapping, model)
+        self._cross_pairs = model.cross_pairs
         energy = self._energy_model(data, model)
         kT = BOLTZMANN_KJ_MOL_K * data["temperature"]
         train_part, val_part, test_part = data["parts"]
@@ -484,6 +484,7 @@ class BackmapperTrainer:
         if model.config["latent_prior"] == "conditional":
             self._fit_latent_prior(model, data, train, val, rng)
         self._fill_library(model, data, train_part, rng)
+        self._fit_link_geometry(model, data, train_part, rng)
         test_terms = self._evaluate(model, energy, data, test, ref_energy, kT) if len(test) else {}
         model.metadata.update({
             "trained_on": data["source"], "temperature_K": data["temperature"], "lag_ps": data["lag_ps"],
@@ -638,6 +639,13 @@ class BackmapperTrainer:
             kind.library_atoms = (ua - centre).float()
             kind.library_beads = (ub - centre).float()
 
+    def _fit_link_geometry(self, model, data, train_part, rng, max_frames: int = 5000) -> None:
+        if len(model.cross_pairs[0]) == 0:
+            return
+        pick = np.sort(rng.choice(train_part, size=min(len(train_part), max_frames), replace=False))
+        box = data["box"][pick] if data["box"] is not None else None
+        model.fit_link_geometry(data["positions"][pick][:, model.atom_indices], box)
+
     def _write_log(self) -> None:
         write_log(self.log, self.history)
 
@@ -659,17 +667,6 @@ def _robust_energy_loss(x: torch.Tensor, delta: float, cap: float = 50.0) -> tor
     return torch.where(a <= cap, huber, tail).mean()
 
 
-def _within_two_bonds(top):
-    """Sparse boolean matrix of the atom pairs 1-2 or 1-3 apart in the bond graph of an mdtraj topology."""
-    import scipy.sparse as sp
-
-    bonds = np.array([[a.index, b.index] for a, b in top.bonds], dtype=np.int64).reshape(-1, 2)
-    n = top.n_atoms
-    adj = sp.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
-    adj = ((adj + adj.T) > 0).astype(np.int64)
-    return ((adj + adj @ adj) > 0).tocsr()
-
-
 def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per kind, the unit-local index pairs ``(i, j)`` of atoms 1-2 or 1-3 apart in the bond graph."""
     reach = _within_two_bonds(mapping.aa_topology)
@@ -680,19 +677,6 @@ def _local_pairs(mapping, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
         keep = local.row < local.col
         out.append((torch.as_tensor(local.row[keep]), torch.as_tensor(local.col[keep])))
     return out
-
-
-def _cross_unit_pairs(mapping, model) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output-atom index pairs ``(i, j)`` 1-2 or 1-3 apart in the bond graph whose atoms lie in different units
-    (the peptide bond and its angles between residue units; none between molecules)."""
-    reach = _within_two_bonds(mapping.aa_topology).tocoo()
-    unit = np.full(mapping.aa_topology.n_atoms, -1, dtype=np.int64)
-    for k, kind in enumerate(model.layout.kinds):
-        unit[kind.atom_index] = (k * 1_000_000 + np.arange(kind.n_units))[:, None]
-    out = model.layout.output_index
-    keep = (reach.row < reach.col) & (unit[reach.row] >= 0) & (unit[reach.col] >= 0) & \
-        (unit[reach.row] != unit[reach.col])
-    return torch.as_tensor(out[reach.row[keep]]), torch.as_tensor(out[reach.col[keep]])
 
 
 def _scatter_units(out: torch.Tensor, idx: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
