@@ -9,7 +9,7 @@ conditioned on their previous atoms within 0.6 nm); ``--units molecule`` is the 
 as one unit.
 
     python benchmarks/bench_backmap_chignolin.py [--units residue] [--epochs 60] [--test-ns 2] [--rollout-steps 0]
-        [--candidates 16] [--retrain] [--train-only temporal|frame] [--quick]
+        [--candidates M] [--retrain] [--train-only temporal|frame] [--quick]
 
 ``--quick`` (a smoke run) trains on a short AA run of its own (unless the results folder has the data of
 ``bench_cg_chignolin``) and tests on a short one.
@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("--test-ns", type=float, default=2.0, help="length of the AA test run (frames every 0.2 ps)")
     parser.add_argument("--rollout-steps", type=int, default=0,
                         help="rollout training of the temporal model (steps fed its own output)")
-    parser.add_argument("--candidates", type=int, default=16,
-                        help="also backmap with this many latent draws per residue, kept along the chain by the "
-                             "bonds between residues (BackmapChain's candidates; 1: skip those rows)")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="latent draws per residue, one kept along the chain by the bonds between residues "
+                             "(BackmapChain's candidates; default: the library's, 8 for residue units); residue "
+                             "units also get `_plain` rows with one draw")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--train-only", choices=("temporal", "frame"), default=None,
                         help="train (or retrain) this model, save it and stop: lets the two models train in "
@@ -62,6 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.units == "molecule":  # one unit: nothing links units
         args.candidates = 1
+    compare_plain = args.candidates != 1
     equilibration_steps, md_platform = 50_000, "Reference"
     if args.quick:
         args.epochs, args.test_ns, equilibration_steps, md_platform = 2, 0.02, 1000, None
@@ -121,17 +123,17 @@ def main() -> None:
     if args.train_only is not None:
         return
 
-    if args.candidates > 1:
+    if compare_plain:
         with AADataset(train_path) as ds:  # models trained before format version 4 lack the link geometry
             train_xyz = ds.positions[:].astype(np.float64)
         for model in models.values():
             if not model.has_link_geometry:
                 model.fit_link_geometry(train_xyz[: int(0.8 * len(train_xyz))])
-    runs = [("temporal", models["temporal"], "model", 1), ("frame", models["frame"], "model", 1),
-            ("library", models["temporal"], "library", 1)]
-    if args.candidates > 1:
-        runs += [(f"temporal_c{args.candidates}", models["temporal"], "model", args.candidates),
-                 (f"frame_c{args.candidates}", models["frame"], "model", args.candidates)]
+    runs = [("temporal", models["temporal"], "model", args.candidates),
+            ("frame", models["frame"], "model", args.candidates), ("library", models["temporal"], "library", 1)]
+    if compare_plain:
+        runs += [("temporal_plain", models["temporal"], "model", 1), ("frame_plain", models["frame"], "model", 1)]
+    n_candidates = models["temporal"].chain(candidates=args.candidates).candidates
     outputs = {}
     for name, model, mode, candidates in runs:
         out = work / f"aa_{name}{tag}.dcd"
@@ -148,8 +150,8 @@ def main() -> None:
     reports = {}
     t0 = time.perf_counter()
     pairs = [("temporal", "frame"), ("library", "frame")]
-    if args.candidates > 1:
-        pairs.append((f"temporal_c{args.candidates}", f"frame_c{args.candidates}"))
+    if compare_plain:
+        pairs.append(("temporal_plain", "frame_plain"))
     for name, baseline in pairs:
         reports[name] = evaluate_run(work / f"report_{name}{tag}", reference=test_path, backmapped=outputs[name],
                                      baseline=outputs[baseline], mapping=mapping,
@@ -165,7 +167,7 @@ def main() -> None:
               "test_frames": int(len(cg)), "lag_ps": 0.2,
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()},
               "rollout_steps": {n: m.metadata.get("rollout_steps") for n, m in models.items()},
-              "candidates": args.candidates, "metrics": rows,
+              "candidates": n_candidates, "metrics": rows,
               "timings": timings, "quick": args.quick}
     lines = ["| metric | subject | value | target | met |", "|---|---|---|---|---|"]
     for key, cells in rows.items():
@@ -184,8 +186,9 @@ def main() -> None:
         f"Units: {'one per residue, framed by the neighbouring Cα' if args.units == 'residue' else 'the whole chain'}"
         f"{f', environment {cutoff:g} nm' if cutoff else ''}. `temporal` rows compare "
         "the temporal VAE (and, as `baseline`, the frame-based model); `library` rows the library lookup"
-        + (f"; `temporal_c{args.candidates}` rows both with {args.candidates} latent draws per residue, one kept "
-           "along the chain by the bonds between residues (`candidates`)" if args.candidates > 1 else "")
+        + (f". Both models decode every residue from {n_candidates} latent draws and keep one along the chain by "
+           "the bonds between residues (`candidates`, the default for residue units)" if n_candidates > 1 else "")
+        + ("; `temporal_plain` rows compare both with one draw" if compare_plain else "")
         + ".\n\n"
         + "\n".join(lines) + "\n\n"
         "Backmapping cost per frame (ms, one thread): "

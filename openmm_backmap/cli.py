@@ -378,7 +378,7 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
     guard = CGRunGuard(interval, max_temperature_K=float(cfg["max_temperature"]), last_good_file=paths["last_good"])
     backmap_reporter = BackmapReporter(paths["aa"], interval, backmapper, append=append, seed=int(cfg["seed"]),
                                        first_frame=first_aa, live_pdb=paths["live"], mode=cfg["mode"], relax=relax,
-                                       candidates=int(cfg["candidates"]))
+                                       candidates=cfg["candidates"])
     simulation.reporters.extend([dcd, log, checkpoints, guard, backmap_reporter])
     print(f"CG run: {n_steps - start} steps of {cfg['timestep_fs']:g} fs ({(n_steps - start) * timestep_ps / 1000:g} "
           f"ns) on {platform.getName()}, {cfg['backend']} backend; backmapping every {interval} steps "
@@ -447,7 +447,7 @@ def cmd_backmap(cfg: dict[str, Any]) -> Path:
     if out.exists():
         out.unlink()
     backmap(cg, backmapper, out, topology=topology, seed=int(cfg["seed"]), mode=cfg["mode"],
-            stride=int(cfg["stride"]), relax=relax, candidates=int(cfg["candidates"]),
+            stride=int(cfg["stride"]), relax=relax, candidates=cfg["candidates"],
             progress=cfg.get("_progress", True))
     _write_config(cfg, out.parent, out.stem + ".config.yaml")
     print(f"backmapped {cg} -> {out}")
@@ -717,11 +717,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                          "overwrite": False, "threads": 1},
     "run": {"potential": None, "backmapper": None, "data": None, "start_frame": 0, "out": "cg_run", "ns": 0.1,
             "timestep_fs": 4.0, "temperature": 300.0, "friction": 1.0, "interval": None, "backend": "torch",
-            "platform": None, "seed": 0, "mode": "model", "max_temperature": 2000.0, "relax": 0, "candidates": 1,
+            "platform": None, "seed": 0, "mode": "model", "max_temperature": 2000.0, "relax": 0, "candidates": None,
             "append": False,
             "overwrite": False, "threads": 1},
     "backmap": {"cg": None, "topology": None, "backmapper": None, "out": "aa.dcd", "stride": 1, "seed": 0,
-                "mode": "model", "relax": 0, "candidates": 1, "data": None, "overwrite": False, "threads": 1},
+                "mode": "model", "relax": 0, "candidates": None, "data": None, "overwrite": False, "threads": 1},
     "evaluate": {"reference": None, "backmapped": None, "backmapped_topology": None, "baseline": None, "cg": None,
                  "cg_topology": None, "cg_log": None, "backmapper": None, "lag_ps": None, "temperature": None,
                  "title": "openmm-backmap evaluation", "out": "evaluation", "threads": 1},
@@ -932,7 +932,7 @@ def _parser() -> argparse.ArgumentParser:
                         "this many iterations (default: 0, off; 200 removes liquids' hydrogen overlaps)")
     p.add_argument("--candidates", type=int, metavar="M",
                    help="residue units: decode every residue from M latent draws and keep one, drawn along the chain "
-                        "by the bonds to the residues before it (default: 1)")
+                        "by the bonds to the residues placed before it (default: 8 for residue units, else 1)")
     p.add_argument("--append", action="store_true", help="continue the run in OUT from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run in OUT")
 
@@ -949,7 +949,7 @@ def _parser() -> argparse.ArgumentParser:
                         "iterations (default: 0, off)")
     p.add_argument("--candidates", type=int, metavar="M",
                    help="residue units: decode every residue from M latent draws and keep one, drawn along the chain "
-                        "by the bonds to the residues before it (default: 1)")
+                        "by the bonds to the residues placed before it (default: 8 for residue units, else 1)")
     p.add_argument("--data", help="AA dataset whose System --relax uses")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 

@@ -161,9 +161,9 @@ class BackmapReporter:
         and before it conditions the next frame. Removes the intermolecular hydrogen overlaps of liquids at a cost
         of seconds per frame of a few thousand atoms; see ``docs/liquids.md``.
     candidates
-        Latent draws per residue and frame for backmappers with residue units (default 1): one candidate per
-        residue is kept, drawn in chain order with weights from the bonds to the residues before it (see
-        :class:`~openmm_backmap.backmap.inference.BackmapChain`). Checked before the first step.
+        Latent draws per residue and frame for backmappers with residue units (default: 8 for those, 1 otherwise):
+        one candidate per residue is kept, drawn along the chain with weights from the bonds to the residues placed
+        before it (see :class:`~openmm_backmap.backmap.inference.BackmapChain`). Checked before the first step.
     """
 
     def __init__(
@@ -178,7 +178,7 @@ class BackmapReporter:
         live_pdb: str | os.PathLike | None = None,
         mode: str = "model",
         relax: Any = None,
-        candidates: int = 1,
+        candidates: Optional[int] = None,
     ) -> None:
         from .formats import topology_pdb_path, trajectory_format
 
@@ -208,8 +208,7 @@ class BackmapReporter:
         from .backmap.relax import as_relaxer
 
         self._relaxer = as_relaxer(relax, backmapper)  # checked (and built) before any step
-        self._candidates = backmapper._check_candidates(candidates) if hasattr(backmapper, "_check_candidates") \
-            else int(candidates)
+        self._candidates = backmapper._check_candidates(candidates)
         self._first_frame = self._read_first_frame(first_frame)
         self._live_path = Path(live_pdb) if live_pdb is not None else None
         if self._live_path is not None:

@@ -487,7 +487,7 @@ def test_candidates_repair_the_bonds_between_residue_units(tiny_residue_backmapp
         xyz = ds.positions[-200:].astype(np.float64)
     cg = adp_mapping.map_positions(xyz)
     first = xyz[0][bm.atom_indices]
-    one = bm.backmap_trajectory(cg, seed=2, first_frame_nm=first)[1:]
+    one = bm.backmap_trajectory(cg, seed=2, first_frame_nm=first, candidates=1)[1:]
     many = bm.backmap_trajectory(cg, seed=2, first_frame_nm=first, candidates=32)[1:]
     dev_one, dev_many = _link_deviation(bm, one), _link_deviation(bm, many)
     assert dev_many.max() < 0.75 * dev_one.max() and dev_many.mean() < dev_one.mean()
@@ -499,7 +499,8 @@ def test_candidates_repair_the_bonds_between_residue_units(tiny_residue_backmapp
 def test_candidates_need_linked_units_and_fitted_geometry(tiny_residue_backmapper, tiny_backmapper, adp_aa_data,
                                                           adp_mapping, tmp_path):
     """candidates > 1 is refused for molecule units (nothing links them), for a model without fitted link geometry
-    (files of format version 3) and for non-integer or zero counts; a version-3 file loads and backmaps as before."""
+    (files of format version 3) and for non-integer or zero counts; a version-3 file loads and backmaps as before
+    (one draw by default). Fitted residue units default to DEFAULT_CANDIDATES, molecule units to 1."""
     import json
 
     with pytest.raises(ValueError, match="units"):
@@ -522,4 +523,6 @@ def test_candidates_need_linked_units_and_fitted_geometry(tiny_residue_backmappe
         old.chain(candidates=4)
     cg = np.asarray(adp_mapping.map_positions(np.asarray(adp_aa_data[0].positions_nm)[None]))
     np.testing.assert_array_equal(old.backmap_trajectory(np.repeat(cg, 3, 0), seed=1),
-                                  tiny_residue_backmapper.backmap_trajectory(np.repeat(cg, 3, 0), seed=1))
+                                  tiny_residue_backmapper.backmap_trajectory(np.repeat(cg, 3, 0), seed=1, candidates=1))
+    assert old.chain().candidates == 1 and tiny_backmapper.chain().candidates == 1
+    assert tiny_residue_backmapper.chain().candidates == TemporalBackmapper.DEFAULT_CANDIDATES > 1

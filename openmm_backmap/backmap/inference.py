@@ -34,16 +34,18 @@ class BackmapChain:
         settings): every frame is minimised with the AA force field, beads held in place, and the relaxed frame is
         both the output and the condition of the next step.
     candidates
-        Latent draws per unit and step (default 1). With residue units, ``candidates`` > 1 decodes every residue
+        Latent draws per unit and step. Default (``None``): 8 for residue units whose bonds between residues were
+        fitted (``backmapper.has_link_geometry``), else 1. With residue units, ``candidates`` > 1 decodes every residue
         that many times (one batched network call per kind, as for one draw) and keeps one candidate per residue,
         drawn in chain order with probability ∝ exp(−½ Σ((d − μ)/σ)²) over the bonds and angles joining it to the
-        residues already placed (μ, σ: their distances in the training data). This is sequential importance
-        resampling of the product of the per-residue model and the data's geometry across residues: it repairs
-        the peptide bonds that two independently sampled residues would otherwise break.
+        residues already placed (μ, σ: their distances in the training data). Residues oriented by three or more
+        frame beads are placed first, in chain order, then the others (chain termini under a Cα map). This is
+        sequential importance resampling of the product of the per-residue model and the data's geometry across
+        residues: it repairs the peptide bonds that two independently sampled residues would otherwise break.
     """
 
     def __init__(self, backmapper, *, seed: int = 0, n_replicas: int = 1, mode: str = "model",
-                 relax: Any = None, candidates: int = 1) -> None:
+                 relax: Any = None, candidates: Optional[int] = None) -> None:
         from .relax import as_relaxer
 
         if mode not in MODES:
@@ -120,7 +122,8 @@ class BackmapChain:
 
 
 def backmap_array(backmapper, cg_positions_nm: Any, box_vectors_nm: Any = None, *, seed: int = 0,
-                  first_frame_nm: Any = None, mode: str = "model", relax: Any = None, candidates: int = 1,
+                  first_frame_nm: Any = None, mode: str = "model", relax: Any = None,
+                  candidates: Optional[int] = None,
                   progress: bool = False) -> np.ndarray:
     """Backmap a whole CG trajectory ``(n_frames, n_beads, 3)`` nm; see
     :meth:`~openmm_backmap.backmap.TemporalBackmapper.backmap_trajectory`."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def _as_openmm_or_none(topology: Any):
 
 def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, topology: Any = None,
             seed: int = 0, first_frame_nm: Any = None, mode: str = "model", stride: int = 1,
-            relax: Any = None, candidates: int = 1, progress: bool = True) -> Path:
+            relax: Any = None, candidates: Optional[int] = None, progress: bool = True) -> Path:
     """Backmap a CG trajectory file and write the AA trajectory.
 
     Parameters
@@ -88,7 +88,8 @@ def backmap(cg_trajectory: Any, backmapper: Any, output: str | os.PathLike, *, t
         Optional :class:`~openmm_backmap.backmap.Relaxer` or AA ``openmm.System``: minimise every frame with the AA
         force field, beads held in place (see :class:`~openmm_backmap.backmap.BackmapChain`).
     candidates
-        Latent draws per residue for residue-unit backmappers (see :class:`~openmm_backmap.backmap.BackmapChain`).
+        Latent draws per residue for residue-unit backmappers (default: 8 for those, 1 otherwise; see
+        :class:`~openmm_backmap.backmap.BackmapChain`).
 
     Returns
     -------
