@@ -240,13 +240,15 @@ class KindModel(nn.Module):
         normal = -0.5 * (((z.unsqueeze(1) - means) / log_std.exp()) ** 2 + 2 * log_std + np.log(2 * np.pi))
         return torch.logsumexp(log_w + normal.sum(dim=-1), dim=1)
 
-    def sample_latent(self, n: int, generator: torch.Generator, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``n`` latent vectors: from the conditional prior given ``cond`` ``(n, n_cond)`` if the model has one,
-        otherwise from the fitted mixture."""
+    def sample_latent(self, n: int, generator: torch.Generator, cond: Optional[torch.Tensor] = None,
+                      repeats: int = 1) -> torch.Tensor:
+        """``n`` latent vectors: from the conditional prior given ``cond`` ``(n // repeats, n_cond)`` (each condition
+        used for ``repeats`` consecutive draws) if the model has one, otherwise from the fitted mixture."""
         if self.latent_prior is not None:
             if cond is None:
                 raise ValueError("this model's latent prior is conditional: give the condition")
-            log_w, means, log_std = (t.double().cpu() for t in self.latent_distribution(cond))
+            log_w, means, log_std = (t.double().cpu().repeat_interleave(repeats, dim=0)
+                                     for t in self.latent_distribution(cond))
             # component by inverse CDF (torch.multinomial costs ~0.1 ms per call, a sizeable part of a frame)
             u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
             comp = (log_w.exp().cumsum(1) < u).sum(1).clamp(max=self.n_mixture - 1)
@@ -526,10 +528,10 @@ class TemporalBackmapper(nn.Module):
             dtype = model.atom_template.dtype
             lb = lb.to(dtype)
             cond = model.condition(lb, lp.to(dtype) if lp is not None else None, self.length_scale, env)
+            z = model.sample_latent(len(lb) * m, generator, cond, repeats=m)  # the prior's network runs once
             if m > 1:
                 cond, lb = cond.repeat_interleave(m, dim=0), lb.repeat_interleave(m, dim=0)
                 origin, rot = origin.repeat_interleave(m, dim=0), rot.repeat_interleave(m, dim=0)
-            z = model.sample_latent(len(lb), generator, cond)
             local = model.decode(cond, z, self.length_scale, lb).to(beads.dtype)
             glob = origin.unsqueeze(1) + local @ rot.transpose(-1, -2)
             if m == 1:
