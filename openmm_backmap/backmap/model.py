@@ -821,21 +821,20 @@ def _link_plan(layout: UnitLayout, unit_atoms: list[torch.Tensor], cross_pairs) 
     output atom); then the others (chain termini under a Cα map, whose orientation comes from the previous frame
     only), each scored against its already placed neighbours."""
     ci, cj = (np.asarray(c) for c in cross_pairs)
-    units = [(layout.kinds[k].n_frame_beads < 3, int(atoms[j].min()), k, j)
-             for k, atoms in enumerate(unit_atoms) for j in range(atoms.shape[0])]
-    placed: set[int] = set()
-    plan = []
-    for _, _, k, j in sorted(units):
+    order = sorted((layout.kinds[k].n_frame_beads < 3, int(atoms[j].min()), k, j)
+                   for k, atoms in enumerate(unit_atoms) for j in range(atoms.shape[0]))
+    n_atoms = sum(int(atoms.numel()) for atoms in unit_atoms)
+    rank = np.zeros(n_atoms, dtype=np.int64)  # placement rank of every output atom's unit
+    local = np.zeros(n_atoms, dtype=np.int64)  # its index within the unit
+    for r, (_, _, k, j) in enumerate(order):
         atoms = unit_atoms[k][j].numpy()
-        where = {int(a): i for i, a in enumerate(atoms)}
-        local, partner, rows = [], [], []
-        for p, (a, b) in enumerate(zip(ci, cj)):
-            for own, other in ((int(a), int(b)), (int(b), int(a))):
-                if own in where and other in placed:
-                    local.append(where[own])
-                    partner.append(other)
-                    rows.append(p)
-        plan.append((k, j, torch.as_tensor(local, dtype=torch.long), torch.as_tensor(partner, dtype=torch.long),
-                     torch.as_tensor(rows, dtype=torch.long)))
-        placed.update(int(a) for a in atoms)
+        rank[atoms], local[atoms] = r, np.arange(len(atoms))
+    # every cross-unit pair belongs to the later-placed of its two units
+    later = np.where(rank[ci] > rank[cj], ci, cj)
+    earlier = np.where(rank[ci] > rank[cj], cj, ci)
+    plan = []
+    for r, (_, _, k, j) in enumerate(order):
+        rows = np.flatnonzero(rank[later] == r)
+        plan.append((k, j, torch.as_tensor(local[later[rows]]), torch.as_tensor(earlier[rows]),
+                     torch.as_tensor(rows)))
     return plan
