@@ -9,7 +9,10 @@ conditioned on their previous atoms within 0.6 nm); ``--units molecule`` is the 
 as one unit.
 
     python benchmarks/bench_backmap_chignolin.py [--units residue] [--epochs 60] [--test-ns 2] [--rollout-steps 0]
-        [--candidates M] [--retrain] [--train-only temporal|frame] [--quick]
+        [--candidates M] [--relax ITERATIONS] [--relax-md STEPS] [--retrain] [--train-only temporal|frame] [--quick]
+
+``--relax`` adds a ``temporal_relax`` row: the temporal chain with every frame minimised with the AA System (beads
+held) and, with ``--relax-md``, then run that many restrained Langevin steps at 350 K (``Relaxer``).
 
 ``--quick`` (a smoke run) trains on a short AA run of its own (unless the results folder has the data of
 ``bench_cg_chignolin``) and tests on a short one.
@@ -52,6 +55,11 @@ def main() -> None:
                         help="latent draws per residue, one kept along the chain by the bonds between residues "
                              "(BackmapChain's candidates; default: the library's, 8 for residue units); residue "
                              "units also get `_plain` rows with one draw")
+    parser.add_argument("--relax", type=int, default=0, metavar="ITERATIONS",
+                        help="also backmap with the temporal model relaxing every frame (Relaxer, this many L-BFGS "
+                             "iterations; default 0: no such row)")
+    parser.add_argument("--relax-md", type=int, default=0, metavar="STEPS",
+                        help="restrained Langevin steps at 350 K after --relax's minimisation (10/ps, 2 fs)")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--train-only", choices=("temporal", "frame"), default=None,
                         help="train (or retrain) this model, save it and stop: lets the two models train in "
@@ -129,16 +137,25 @@ def main() -> None:
         for model in models.values():
             if not model.has_link_geometry:
                 model.fit_link_geometry(train_xyz[: int(0.8 * len(train_xyz))])
-    runs = [("temporal", models["temporal"], "model", args.candidates),
-            ("frame", models["frame"], "model", args.candidates), ("library", models["temporal"], "library", 1)]
+    runs = [("temporal", models["temporal"], "model", args.candidates, None),
+            ("frame", models["frame"], "model", args.candidates, None),
+            ("library", models["temporal"], "library", 1, None)]
     if compare_plain:
-        runs += [("temporal_plain", models["temporal"], "model", 1), ("frame_plain", models["frame"], "model", 1)]
+        runs += [("temporal_plain", models["temporal"], "model", 1, None),
+                 ("frame_plain", models["frame"], "model", 1, None)]
+    relaxer = None
+    if args.relax > 0:
+        from openmm_backmap.backmap import Relaxer
+
+        relaxer = Relaxer(cln.system, mapping, atoms=models["temporal"].atom_indices, max_iterations=args.relax,
+                          md_steps=args.relax_md, temperature_K=350.0, seed=1)
+        runs.append(("temporal_relax", models["temporal"], "model", args.candidates, relaxer))
     n_candidates = models["temporal"].chain(candidates=args.candidates).candidates
     outputs = {}
-    for name, model, mode, candidates in runs:
+    for name, model, mode, candidates, relax in runs:
         out = work / f"aa_{name}{tag}.dcd"
         t0 = time.perf_counter()
-        xyz = model.backmap_trajectory(cg, seed=1, mode=mode, candidates=candidates, progress=True)
+        xyz = model.backmap_trajectory(cg, seed=1, mode=mode, candidates=candidates, relax=relax, progress=True)
         timings[f"backmap_{name}_ms_per_frame"] = 1e3 * (time.perf_counter() - t0) / len(cg)
         from openmm_backmap.formats import AATrajectoryWriter
 
@@ -152,6 +169,8 @@ def main() -> None:
     pairs = [("temporal", "frame"), ("library", "frame")]
     if compare_plain:
         pairs.append(("temporal_plain", "frame_plain"))
+    if relaxer is not None:
+        pairs.append(("temporal_relax", "frame"))
     for name, baseline in pairs:
         reports[name] = evaluate_run(work / f"report_{name}{tag}", reference=test_path, backmapped=outputs[name],
                                      baseline=outputs[baseline], mapping=mapping,
@@ -168,6 +187,9 @@ def main() -> None:
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()},
               "rollout_steps": {n: m.metadata.get("rollout_steps") for n, m in models.items()},
               "candidates": n_candidates, "metrics": rows,
+              "relax": None if relaxer is None else {"max_iterations": args.relax, "md_steps": args.relax_md,
+                                                     "temperature_K": 350.0, "friction_per_ps": 10.0,
+                                                     "timestep_ps": 0.002},
               "timings": timings, "quick": args.quick}
     lines = ["| metric | subject | value | target | met |", "|---|---|---|---|---|"]
     for key, cells in rows.items():
@@ -189,6 +211,10 @@ def main() -> None:
         + (f". Both models decode every residue from {n_candidates} latent draws and keep one along the chain by "
            "the bonds between residues (`candidates`, the default for residue units)" if n_candidates > 1 else "")
         + ("; `temporal_plain` rows compare both with one draw" if compare_plain else "")
+        + (f"; `temporal_relax` rows are the temporal chain with every frame minimised with the AA System (at most "
+           f"{args.relax} L-BFGS iterations, beads held)"
+           + (f" and then run {args.relax_md} restrained Langevin steps at 350 K (2 fs, 10/ps)" if args.relax_md else "")
+           + ", against the unrelaxed frame-based baseline" if relaxer is not None else "")
         + ".\n\n"
         + "\n".join(lines) + "\n\n"
         "Backmapping cost per frame (ms, one thread): "

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import yaml
@@ -332,7 +332,7 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
         index %= aa.n_frames
         xyz = aa.positions[index].astype(np.float64)
         box = aa.box_vectors[index].astype(np.float64) if aa.periodic else None
-        relax = _relaxer(cfg, aa.system, backmapper)
+        relax = _relaxer(cfg, aa.system, backmapper, float(cfg["temperature"]))
     if box is not None:
         xyz = mapping.make_molecules_whole(xyz[None], box[None])[0]
     beads = mapping.map_positions(xyz)
@@ -408,16 +408,23 @@ def cmd_run(cfg: dict[str, Any]) -> Path:
     return out
 
 
-def _relaxer(cfg: dict[str, Any], system: Any, backmapper: Any) -> Any:
-    """The Relaxer of ``--relax ITERATIONS`` (``None`` when 0)."""
+def _relaxer(cfg: dict[str, Any], system: Any, backmapper: Any, temperature_K: Optional[float]) -> Any:
+    """The Relaxer of ``--relax ITERATIONS`` and ``--relax-md STEPS`` at ``temperature_K`` (``None`` when off)."""
     from .backmap import Relaxer
 
-    iterations = int(cfg.get("relax") or 0)
+    iterations, md_steps = int(cfg.get("relax") or 0), int(cfg.get("relax_md") or 0)
     if iterations < 0:
         raise ValueError(f"--relax must be >= 0 iterations, got {iterations}")
+    if md_steps < 0:
+        raise ValueError(f"--relax-md must be >= 0 steps, got {md_steps}")
     if iterations == 0:
+        if md_steps:
+            raise ValueError("--relax-md runs after the minimisation: give --relax ITERATIONS too")
         return None
-    return Relaxer(system, backmapper.mapping, atoms=backmapper.atom_indices, max_iterations=iterations)
+    if md_steps and temperature_K is None:
+        raise ValueError("--relax-md needs a temperature: pass --temperature K (the AA dataset records none)")
+    return Relaxer(system, backmapper.mapping, atoms=backmapper.atom_indices, max_iterations=iterations,
+                   md_steps=md_steps, temperature_K=temperature_K, seed=int(cfg.get("seed") or 0))
 
 
 def cmd_backmap(cfg: dict[str, Any]) -> Path:
@@ -435,13 +442,14 @@ def cmd_backmap(cfg: dict[str, Any]) -> Path:
             raise ValueError(f"{cg} carries no topology: pass --topology CG.pdb")
         topology = beside
     relax = None
-    if int(cfg["relax"] or 0) > 0:
+    if int(cfg["relax"] or 0) > 0 or int(cfg["relax_md"] or 0) > 0:
         from .data import AADataset
 
         if cfg["data"] is None:
             raise ValueError("--relax needs --data: the AA dataset whose System minimises the frames")
         with AADataset(_existing(cfg["data"], "--data")) as aa:
-            relax = _relaxer(cfg, aa.system, backmapper)
+            temperature = cfg["temperature"] if cfg["temperature"] is not None else aa.settings.get("temperature_K")
+            relax = _relaxer(cfg, aa.system, backmapper, None if temperature is None else float(temperature))
     out = Path(cfg["out"])
     _refuse_overwrite(out, cfg)
     if out.exists():
@@ -717,11 +725,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                          "overwrite": False, "threads": 1},
     "run": {"potential": None, "backmapper": None, "data": None, "start_frame": 0, "out": "cg_run", "ns": 0.1,
             "timestep_fs": 4.0, "temperature": 300.0, "friction": 1.0, "interval": None, "backend": "torch",
-            "platform": None, "seed": 0, "mode": "model", "max_temperature": 2000.0, "relax": 0, "candidates": None,
+            "platform": None, "seed": 0, "mode": "model", "max_temperature": 2000.0, "relax": 0, "relax_md": 0,
+            "candidates": None,
             "append": False,
             "overwrite": False, "threads": 1},
     "backmap": {"cg": None, "topology": None, "backmapper": None, "out": "aa.dcd", "stride": 1, "seed": 0,
-                "mode": "model", "relax": 0, "candidates": None, "data": None, "overwrite": False, "threads": 1},
+                "mode": "model", "relax": 0, "relax_md": 0, "temperature": None, "candidates": None, "data": None,
+                "overwrite": False, "threads": 1},
     "evaluate": {"reference": None, "backmapped": None, "backmapped_topology": None, "baseline": None, "cg": None,
                  "cg_topology": None, "cg_log": None, "backmapper": None, "lag_ps": None, "temperature": None,
                  "title": "openmm-backmap evaluation", "out": "evaluation", "threads": 1},
@@ -930,6 +940,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--relax", type=int, metavar="ITERATIONS",
                    help="minimise every backmapped frame with the AA System of --data, beads held, for at most "
                         "this many iterations (default: 0, off; 200 removes liquids' hydrogen overlaps)")
+    p.add_argument("--relax-md", dest="relax_md", type=int, metavar="STEPS",
+                   help="after --relax, this many restrained Langevin steps at --temperature (constraints kept), "
+                        "which put back the thermal energy minimisation removes (default: 0)")
     p.add_argument("--candidates", type=int, metavar="M",
                    help="residue units: decode every residue from M latent draws and keep one, drawn along the chain "
                         "by the bonds to the residues placed before it (default: 8 for residue units, else 1)")
@@ -947,6 +960,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--relax", type=int, metavar="ITERATIONS",
                    help="minimise every frame with the AA System of --data, beads held, for at most this many "
                         "iterations (default: 0, off)")
+    p.add_argument("--relax-md", dest="relax_md", type=int, metavar="STEPS",
+                   help="after --relax, this many restrained Langevin steps (constraints kept), which put back the "
+                        "thermal energy minimisation removes (default: 0)")
+    p.add_argument("--temperature", type=float,
+                   help="K, for --relax-md (default: the temperature recorded in --data)")
     p.add_argument("--candidates", type=int, metavar="M",
                    help="residue units: decode every residue from M latent draws and keep one, drawn along the chain "
                         "by the bonds to the residues placed before it (default: 8 for residue units, else 1)")

@@ -273,6 +273,22 @@ def test_backmap_relax_minimises_with_the_aa_system(pipeline, capsys):
     assert main(["backmap", "--cg", str(pipeline["cg"]), "--backmapper", str(pipeline["backmapper"]),
                  "--relax", "100", "--out", str(pipeline["root"] / "relax" / "no_data.h5")]) == 1
     assert "--relax needs --data" in capsys.readouterr().err
+    # --relax-md: a restrained Langevin run after the minimisation, at the dataset's temperature, with the
+    # System's constraints satisfied again (the minimisation only approximates them with stiff bonds)
+    thermal = pipeline["root"] / "relax" / "relax100_md50.h5"
+    assert main(["backmap", "--cg", str(pipeline["cg"]), "--backmapper", str(pipeline["backmapper"]),
+                 "--stride", "100", "--relax", "100", "--relax-md", "50", "--data", str(pipeline["aa"]),
+                 "--out", str(thermal)]) == 0
+    frames = {"min": md.load(str(strided[100])).xyz.astype(float), "md": md.load(str(thermal)).xyz.astype(float)}
+    error = {}
+    for key, xyz in frames.items():
+        error[key] = max(abs(np.linalg.norm(xyz[:, i] - xyz[:, j], axis=-1) / length._value - 1).max()
+                         for i, j, length in (system.getConstraintParameters(c)
+                                              for c in range(system.getNumConstraints())))
+    assert system.getNumConstraints() > 0 and error["md"] < 1e-4 < error["min"], error
+    assert main(["backmap", "--cg", str(pipeline["cg"]), "--backmapper", str(pipeline["backmapper"]),
+                 "--relax-md", "50", "--data", str(pipeline["aa"]), "--out", str(thermal.with_name("x.h5"))]) == 1
+    assert "--relax-md runs after the minimisation" in capsys.readouterr().err
     # run --relax: the same CG run (same seed) writes AA frames with lower OpenMM energies
     runs = {}
     for relax in (0, 50):

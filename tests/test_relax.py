@@ -156,6 +156,44 @@ def test_bad_input_is_refused(benzene):
         Relaxer(liq.system, mapping, atoms=np.arange(200))
 
 
+def test_thermalization_restores_the_thermal_energy_that_minimisation_removes(adp_aa_data, adp_mapping):
+    """Minimised frames sit ~(n_dof/2) kT below the ensemble's mean energy (equipartition); the short restrained
+    Langevin run of ``md_steps`` brings them back to it, with the System's constraints satisfied and the beads kept."""
+    from openmm_backmap.data import AADataset
+
+    adp, path = adp_aa_data
+    with AADataset(path) as ds:
+        ref = ds.positions[::60].astype(np.float64)  # 20 frames, 6 ps apart
+    cg = adp_mapping.map_positions(ref)
+    noisy = ref + np.random.default_rng(0).normal(scale=0.01, size=ref.shape)
+    minimised = Relaxer(adp.system, adp_mapping, platform="Reference").relax(noisy, cg)
+    relaxer = Relaxer(adp.system, adp_mapping, md_steps=100, temperature_K=300.0, platform="Reference")
+    thermal = relaxer.relax(noisy, cg)
+    e_ref, e_min, e_th = (np.mean([_energy(adp.system, x) for x in xyz]) for xyz in (ref, minimised, thermal))
+    # 54 degrees of freedom: (54/2) kT = 67 kJ/mol at 300 K; measured: reference -81, minimised -139, thermal -89
+    assert e_min < e_ref - 30, (e_min, e_ref)
+    assert abs(e_th - e_ref) < 15 and e_th > e_min + 30, (e_th, e_ref, e_min)
+    # the run keeps the constraints (minimisation only approximates them with stiff bonds)
+    for c in range(adp.system.getNumConstraints()):
+        i, j, length = adp.system.getConstraintParameters(c)
+        length = length.value_in_unit(openmm.unit.nanometer)
+        assert np.abs(np.linalg.norm(thermal[:, i] - thermal[:, j], axis=-1) / length - 1).max() < 1e-4
+    # the beads stay within thermal fluctuation of the CG frame (sqrt(kT/k) = 0.005 nm per coordinate)
+    assert np.abs(adp_mapping.map_positions(thermal) - cg).max() < 0.03
+    # seeded: the same frames with the same seed give the same result, another seed another one
+    again = Relaxer(adp.system, adp_mapping, md_steps=100, temperature_K=300.0, platform="Reference")
+    np.testing.assert_array_equal(again.relax(noisy[:3], cg[:3]), thermal[:3])
+    other = Relaxer(adp.system, adp_mapping, md_steps=100, temperature_K=300.0, seed=1, platform="Reference")
+    assert not np.allclose(other.relax(noisy[:3], cg[:3]), thermal[:3], atol=1e-3)
+    assert "md_steps=100, temperature_K=300" in repr(relaxer)
+    with pytest.raises(ValueError, match="needs temperature_K"):
+        Relaxer(adp.system, adp_mapping, md_steps=10)
+    with pytest.raises(ValueError, match="md_steps"):
+        Relaxer(adp.system, adp_mapping, md_steps=-1, temperature_K=300.0)
+    with pytest.raises(ValueError, match="friction_per_ps"):
+        Relaxer(adp.system, adp_mapping, md_steps=10, temperature_K=300.0, friction_per_ps=0.0)
+
+
 # -- inside the temporal chain -----------------------------------------------------------------------------------
 def test_chain_outputs_relaxed_frames_and_conditions_on_them(adp_aa_data, tiny_backmapper):
     from openmm_backmap.data import AADataset

@@ -1,4 +1,4 @@
-"""Restrained energy minimisation of backmapped frames with the user's AA ``openmm.System``.
+"""Restrained energy minimisation (and optional thermalization) of backmapped frames with the user's AA System.
 
 The backmapper places every molecule from its own beads, its environment's beads and the previous AA frame; in a
 dense liquid that leaves hydrogens of neighbouring molecules overlapping (see ``docs/liquids.md``). A short
@@ -6,6 +6,11 @@ minimisation with the AA force field, each bead's atoms held at the CG bead by a
 centroid, removes the overlaps without moving the CG frame. It is what backmapping tools of the field do after
 their geometric step (backward, CG2AT); here it is optional and runs inside the temporal chain, so the next
 frame is conditioned on the relaxed one.
+
+A minimised frame sits at the bottom of its well, below the thermal energies of the ensemble (chignolin at 350 K:
+-1200 kJ/mol after minimisation against -1100 +- 23 in the reference). ``md_steps`` adds what backward does after
+its minimisation: a short restrained Langevin run at the temperature of the ensemble (constraints kept), which
+brings the energy back to thermal values.
 """
 from __future__ import annotations
 
@@ -35,15 +40,7 @@ def relaxation_system(system: openmm.System) -> openmm.System:
 
     Every other force (bonded terms, GB solvent, custom forces, virtual sites) is kept as it is.
     """
-    if not isinstance(system, openmm.System):
-        raise TypeError(f"need an openmm.System, got {type(system).__name__}")
-    out = openmm.XmlSerializer.clone(system)
-    for i in reversed(range(out.getNumForces())):
-        force = out.getForce(i)
-        if isinstance(force, NO_ENERGY_FORCES):
-            out.removeForce(i)
-        elif isinstance(force, openmm.NonbondedForce) and force.getNonbondedMethod() in _EWALD:
-            force.setNonbondedMethod(openmm.NonbondedForce.CutoffPeriodic)
+    out = _short_range_system(system)
     if out.getNumConstraints():
         bonds = openmm.HarmonicBondForce()
         bonds.setName("RelaxationConstraintBonds")
@@ -56,12 +53,32 @@ def relaxation_system(system: openmm.System) -> openmm.System:
     return out
 
 
+def _short_range_system(system: openmm.System) -> openmm.System:
+    """A copy of ``system`` without forces that have no energy and with Ewald/PME/LJPME as reaction field."""
+    if not isinstance(system, openmm.System):
+        raise TypeError(f"need an openmm.System, got {type(system).__name__}")
+    out = openmm.XmlSerializer.clone(system)
+    for i in reversed(range(out.getNumForces())):
+        force = out.getForce(i)
+        if isinstance(force, NO_ENERGY_FORCES):
+            out.removeForce(i)
+        elif isinstance(force, openmm.NonbondedForce) and force.getNonbondedMethod() in _EWALD:
+            force.setNonbondedMethod(openmm.NonbondedForce.CutoffPeriodic)
+    return out
+
+
 class Relaxer:
     """Restrained energy minimisation of backmapped AA frames (nm) with an AA ``openmm.System``.
 
     Each frame is minimised with OpenMM's L-BFGS ``LocalEnergyMinimizer`` on :func:`relaxation_system` of
     ``system``, plus one harmonic restraint per bead, ``k/2 |c_I - R_I|²``, between the centroid ``c_I`` of the bead's
     atoms (the mapping's position weights) and the CG bead ``R_I``; the CG frame therefore stays where it was.
+
+    With ``md_steps > 0`` each minimised frame then runs that many Langevin steps at ``temperature_K`` with the same
+    restraints, on the user's System with its constraints (forces without energy removed, Ewald as reaction field),
+    velocities drawn afresh for every frame: minimisation removes the overlaps, the short run puts back the thermal
+    energy minimisation took out. The bead centroids then fluctuate about the CG beads by ~sqrt(kT/k) per
+    coordinate (0.005 nm at 350 K with the default k).
 
     Measured on the hexane 3-bead liquid (200 molecules, 4000 atoms, one core): 200 iterations take ~3 s per frame
     and bring the fraction of molecules with an LJ energy above the reference maximum from 64 % to 0.4 %
@@ -82,6 +99,18 @@ class Relaxer:
         Stop when the root-mean-square force component falls below this (kJ/mol/nm).
     restraint_kj_mol_nm2
         Force constant of the bead restraints (kJ/mol/nm²).
+    md_steps
+        Restrained Langevin steps after the minimisation (0: none). Measured on chignolin (OBC2, 350 K): 50 steps of
+        2 fs at 10/ps move the median energy of minimised frames from -1190 to -1077 kJ/mol, against -1096 in the
+        reference ensemble; at 1/ps they leave it at -1189 (too little time to reach equipartition).
+    temperature_K
+        Temperature of the run (K); required with ``md_steps > 0``.
+    friction_per_ps, timestep_ps
+        Langevin friction (1/ps) and time step (ps) of the run (LangevinMiddleIntegrator). The run keeps the
+        System's constraints, so the time step that the System is made for applies.
+    seed
+        Seeds the velocities and the Langevin noise: a Relaxer given the same frames in the same order with the
+        same seed returns the same result (on a deterministic platform).
     platform
         OpenMM platform name or object (default: chosen for ``system`` by
         :func:`~openmm_backmap.platforms.choose_platform`); ``properties`` are its platform properties.
@@ -96,6 +125,11 @@ class Relaxer:
         max_iterations: int = 200,
         tolerance_kj_mol_nm: float = 10.0,
         restraint_kj_mol_nm2: float = 1.0e5,
+        md_steps: int = 0,
+        temperature_K: Optional[float] = None,
+        friction_per_ps: float = 10.0,
+        timestep_ps: float = 0.002,
+        seed: int = 0,
         platform: Any = None,
         properties: Optional[dict[str, str]] = None,
     ) -> None:
@@ -111,6 +145,15 @@ class Relaxer:
                             ("restraint_kj_mol_nm2", restraint_kj_mol_nm2)):
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(md_steps, bool) or int(md_steps) != md_steps or md_steps < 0:
+            raise ValueError(f"md_steps must be an integer >= 0, got {md_steps!r}")
+        if md_steps > 0:
+            if temperature_K is None:
+                raise ValueError("md_steps > 0 needs temperature_K: the temperature of the ensemble (K)")
+            for name, value in (("temperature_K", temperature_K), ("friction_per_ps", friction_per_ps),
+                                ("timestep_ps", timestep_ps)):
+                if not np.isfinite(value) or value <= 0:
+                    raise ValueError(f"{name} must be a positive number, got {value!r}")
         weights = mapping.position_matrix_sparse.tocsr()  # sparse: a dense map of a large box would take GBs
         weights.eliminate_zeros()
         if atoms is not None:
@@ -132,6 +175,9 @@ class Relaxer:
         self.max_iterations = int(max_iterations)
         self.tolerance_kj_mol_nm = float(tolerance_kj_mol_nm)
         self.restraint_kj_mol_nm2 = float(restraint_kj_mol_nm2)
+        self.md_steps = int(md_steps)
+        self.temperature_K = None if temperature_K is None else float(temperature_K)
+        self.friction_per_ps, self.timestep_ps, self.seed = float(friction_per_ps), float(timestep_ps), int(seed)
         self._weights = weights
         self._system = relaxation_system(system)
         restraint = openmm.CustomCentroidBondForce(1, "0.5*k_bead_restraint*((x1-x0)^2+(y1-y0)^2+(z1-z0)^2)")
@@ -144,9 +190,15 @@ class Relaxer:
             restraint.addGroup([int(a) for a in row.indices], [float(w) for w in row.data])
             restraint.addBond([b], [0.0, 0.0, 0.0])
         self._restraint_index = self._system.addForce(restraint)
+        self._md_system: Optional[openmm.System] = None
+        if self.md_steps:
+            self._md_system = _short_range_system(system)
+            self._md_system.addForce(openmm.XmlSerializer.clone(restraint))
+        self._frames_done = 0
         self._platform = choose_platform(system, platform)
         self._properties = dict(properties or {})
         self._context: Optional[openmm.Context] = None
+        self._md_context: Optional[openmm.Context] = None
 
     @property
     def system(self) -> openmm.System:
@@ -158,6 +210,15 @@ class Relaxer:
             integrator = openmm.VerletIntegrator(0.001)
             self._context = openmm.Context(self._system, integrator, self._platform, self._properties)
         return self._context
+
+    def _get_md_context(self) -> openmm.Context:
+        if self._md_context is None:
+            from .._physics import openmm_seed
+
+            integrator = openmm.LangevinMiddleIntegrator(self.temperature_K, self.friction_per_ps, self.timestep_ps)
+            integrator.setRandomNumberSeed(openmm_seed(self.seed))
+            self._md_context = openmm.Context(self._md_system, integrator, self._platform, self._properties)
+        return self._md_context
 
     def relax(self, aa_positions_nm: Any, cg_positions_nm: Any, box_vectors_nm: Any = None) -> np.ndarray:
         """Minimise one frame or a batch of frames.
@@ -192,32 +253,51 @@ class Relaxer:
             boxes = np.broadcast_to(boxes, (len(aa), 3, 3)) if boxes.ndim == 2 else boxes
             if len(boxes) != len(aa):
                 raise ValueError(f"{len(boxes)} boxes for {len(aa)} frames")
-        context = self._get_context()
-        restraint = self._system.getForce(self._restraint_index)
+        contexts = [(self._get_context(), self._system.getForce(self._restraint_index))]
+        if self.md_steps:
+            contexts.append((self._get_md_context(), self._md_system.getForce(self._md_system.getNumForces() - 1)))
         out = np.empty_like(aa)
         for t in range(len(aa)):
             targets = cg[t]
             if boxes is not None:
                 centroids = np.asarray(self._weights @ aa[t])
                 targets = centroids + _minimum_image((targets - centroids)[None], boxes[t][None])[0]
-                context.setPeriodicBoxVectors(*boxes[t])
-            for b in range(self.n_beads):
-                restraint.setBondParameters(b, [b], [float(v) for v in targets[b]])
-            restraint.updateParametersInContext(context)
+            for context, restraint in contexts:
+                if boxes is not None:
+                    context.setPeriodicBoxVectors(*boxes[t])
+                for b in range(self.n_beads):
+                    restraint.setBondParameters(b, [b], [float(v) for v in targets[b]])
+                restraint.updateParametersInContext(context)
+            context = contexts[0][0]
             context.setPositions(aa[t])
             openmm.LocalEnergyMinimizer.minimize(context, self.tolerance_kj_mol_nm, self.max_iterations)
             xyz = context.getState(getPositions=True).getPositions(asNumpy=True)._value
+            if self.md_steps and np.all(np.isfinite(xyz)):
+                xyz = self._thermalize(contexts[1][0], xyz)
             if not np.all(np.isfinite(xyz)):
                 raise FloatingPointError(f"the relaxation of frame {t} produced non-finite coordinates")
             out[t] = xyz
         return out[0] if single else out
+
+    def _thermalize(self, context: openmm.Context, xyz: np.ndarray) -> np.ndarray:
+        """``md_steps`` restrained Langevin steps from ``xyz`` (constraints applied first, fresh velocities)."""
+        from .._physics import openmm_seed
+
+        context.setPositions(xyz)
+        context.applyConstraints(1e-6)
+        context.setVelocitiesToTemperature(self.temperature_K, openmm_seed(self.seed * 1_000_003 + self._frames_done))
+        self._frames_done += 1
+        context.getIntegrator().step(self.md_steps)
+        return context.getState(getPositions=True).getPositions(asNumpy=True)._value
 
     __call__ = relax
 
     def __repr__(self) -> str:
         return (f"Relaxer({self.n_atoms} atoms, {self.n_beads} beads, max_iterations={self.max_iterations}, "
                 f"tolerance_kj_mol_nm={self.tolerance_kj_mol_nm:g}, "
-                f"restraint_kj_mol_nm2={self.restraint_kj_mol_nm2:g}, platform={self._platform.getName()})")
+                f"restraint_kj_mol_nm2={self.restraint_kj_mol_nm2:g}, "
+                + (f"md_steps={self.md_steps}, temperature_K={self.temperature_K:g}, " if self.md_steps else "")
+                + f"platform={self._platform.getName()})")
 
 
 
