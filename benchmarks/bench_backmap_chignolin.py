@@ -189,7 +189,8 @@ def main() -> None:
               "candidates": n_candidates, "metrics": rows,
               "relax": None if relaxer is None else {"max_iterations": args.relax, "md_steps": args.relax_md,
                                                      "temperature_K": 350.0, "friction_per_ps": 10.0,
-                                                     "timestep_ps": 0.002},
+                                                     "timestep_ps": 0.002, "md_rejected": relaxer.md_rejected,
+                                                     "frames": int(len(cg))},
               "timings": timings, "quick": args.quick}
     lines = ["| metric | subject | value | target | met |", "|---|---|---|---|---|"]
     for key, cells in rows.items():

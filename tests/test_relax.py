@@ -186,6 +186,11 @@ def test_thermalization_restores_the_thermal_energy_that_minimisation_removes(ad
     other = Relaxer(adp.system, adp_mapping, md_steps=100, temperature_K=300.0, seed=1, platform="Reference")
     assert not np.allclose(other.relax(noisy[:3], cg[:3]), thermal[:3], atol=1e-3)
     assert "md_steps=100, temperature_K=300" in repr(relaxer)
+    assert relaxer.md_rejected == 0
+    # a run that blows up (a 20 fs time step) is rejected frame by frame: the minimised frame is kept and counted
+    blown = Relaxer(adp.system, adp_mapping, md_steps=100, temperature_K=300.0, timestep_ps=0.02, platform="Reference")
+    np.testing.assert_allclose(blown.relax(noisy[:3], cg[:3]), minimised[:3], atol=1e-6)
+    assert blown.md_rejected == 3
     with pytest.raises(ValueError, match="needs temperature_K"):
         Relaxer(adp.system, adp_mapping, md_steps=10)
     with pytest.raises(ValueError, match="md_steps"):
