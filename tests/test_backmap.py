@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from openmm_backmap.backmap import BackmapperTrainer, TemporalBackmapper
-from openmm_backmap._units import UnitLayout, kabsch, random_rotations
+from openmm_backmap._units import UnitLayout, kabsch, kabsch_residual, random_rotations
 from openmm_backmap.data import AADataset
 
 
@@ -152,6 +152,49 @@ def test_replicas_are_batched_and_independent(tiny_backmapper, adp_aa_data, adp_
     for r, frame in enumerate((cg[1], cg[2])):
         centroid_error = np.linalg.norm(adp_mapping.map_positions(out[r]).mean(0) - frame.mean(0))
         assert centroid_error < 0.05
+
+
+def test_qcp_residual_equals_the_kabsch_superposition_residual():
+    """Theobald's QCP gives the residual of the SVD-based optimal superposition, reflections excluded."""
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 4, 10):  # two points: the closed form
+        src = torch.randn(600, n, 3, generator=g, dtype=torch.float64)
+        src -= src.mean(1, keepdim=True)
+        tgt = torch.randn(600, n, 3, generator=g, dtype=torch.float64)
+        tgt -= tgt.mean(1, keepdim=True)
+        rot = torch.as_tensor(_rotation(n), dtype=torch.float64)
+        tgt[:200] = src[:200] @ rot.T + 1e-3 * torch.randn(200, n, 3, generator=g, dtype=torch.float64)  # near fit
+        tgt[200:400] = src[200:400] * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)  # mirror images
+        q = kabsch(src, tgt)
+        expected = ((src @ q.transpose(-1, -2) - tgt) ** 2).sum(dim=(-1, -2))
+        scale = (src ** 2).sum(dim=(-1, -2)) + (tgt ** 2).sum(dim=(-1, -2))
+        got = kabsch_residual(src, tgt)
+        if n == 2:  # |Ra - b| >= ||a| - |b||, reached by turning a onto b: the exact optimum, at or below the SVD's
+            a, b = src[:, 0] - src[:, 1], tgt[:, 0] - tgt[:, 1]
+            torch.testing.assert_close(got, 0.5 * (a.norm(dim=-1) - b.norm(dim=-1)) ** 2, rtol=1e-12, atol=1e-15)
+            assert (got <= expected + 1e-12 * scale).all() and ((expected - got) / scale).max() < 1e-4
+            continue
+        assert ((got - expected).abs() / scale).max() < 1e-12
+        if n > 3:  # three points are coplanar, so their mirror image is a rotation; more points' is not
+            assert expected[200:400].mean() > 0.01 * scale[200:400].mean()
+
+
+def test_library_lookup_picks_by_the_svd_superposition_residual(tiny_backmapper, tiny_residue_backmapper,
+                                                               monkeypatch):
+    """The QCP lookup picks the same library frames as the SVD residual did."""
+    import openmm_backmap.backmap.model as model_module
+
+    g = torch.Generator().manual_seed(3)
+    for kind in list(tiny_backmapper.kinds) + list(tiny_residue_backmapper.kinds):
+        lib = kind.library_beads.double()
+        query = lib[torch.randint(len(lib), (20,), generator=g)] + 0.01 * torch.randn(
+            20, *lib.shape[1:], generator=g, dtype=torch.float64)
+        fast = kind.library_lookup(query, None, torch.Generator().manual_seed(0))
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "kabsch_residual",
+                      lambda s, t: ((s @ kabsch(s, t).transpose(-1, -2) - t) ** 2).sum(dim=(-1, -2)))
+            reference = kind.library_lookup(query, None, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(fast, reference, rtol=0, atol=1e-9)
 
 
 def test_library_lookup_returns_the_library_frame_for_its_own_cg(tiny_backmapper):

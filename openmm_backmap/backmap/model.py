@@ -40,7 +40,7 @@ from torch import nn
 
 from .._topology import topology_from_json, topology_to_json
 from ._environment import EnvironmentIndex, Neighbors
-from .._units import UnitKind, UnitLayout, kabsch, minimum_image, random_rotations, whole
+from .._units import UnitKind, UnitLayout, kabsch, kabsch_residual, minimum_image, random_rotations, whole
 
 if TYPE_CHECKING:  # pragma: no cover
     from .inference import BackmapChain
@@ -288,9 +288,7 @@ class KindModel(nn.Module):
                 cur = centred[start:start + per]
                 src = lib_c.unsqueeze(0).expand(len(cur), -1, -1, -1)
                 tgt = cur.unsqueeze(1).expand(-1, n_lib, -1, -1)
-                q = kabsch(src, tgt)
-                err = ((src @ q.transpose(-1, -2) - tgt) ** 2).sum(dim=(-1, -2))
-                val, idx = err.min(dim=1)
+                val, idx = kabsch_residual(src, tgt).min(dim=1)
                 best[start:start + per], pick[start:start + per] = val, idx
             rot = kabsch(lib_c[pick], centred)
         atoms = lib_atoms[pick] - lib_beads[pick].mean(dim=1, keepdim=True)
