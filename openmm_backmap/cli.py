@@ -91,6 +91,8 @@ def cmd_map(cfg: dict[str, Any]) -> Path:
         out = Path(cfg["out"])
         if out.exists() and not cfg["overwrite"]:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        if cfg.get("optimize_force_map") and not mapping.has_optimized_force_map:
+            mapping = mapping.with_optimized_force_map(aa)
         map_dataset(aa, mapping, out, overwrite=cfg["overwrite"])
     mapping.save(out.with_suffix(".mapping.yaml"))
     _write_config(cfg, out.parent, out.stem + ".config.yaml")
@@ -711,7 +713,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "ns": 1.0, "interval": 100, "timestep_fs": 2.0, "temperature": 300.0, "friction": 1.0,
                  "equilibrate_ps": 20.0, "pressure_bar": None, "seed": 0, "platform": None, "dtype": "float32", "out": "aa.h5",
                  "append": False, "overwrite": False},
-    "map": {"data": None, "preset": None, "mapping": None, "out": "cg.h5", "overwrite": False},
+    "map": {"data": None, "preset": None, "mapping": None, "out": "cg.h5", "optimize_force_map": False,
+            "overwrite": False},
     # hidden/cutoff_nm: openmm_backmap.potential.trainer.DEFAULT_NETWORK (checked by the tests)
     "train-potential": {"data": None, "mapping": None, "aa_data": None, "preset": None, "out": "potential.pt",
                         "epochs": 30, "batch_size": 128, "lr": 1e-3, "patience": 10, "max_frames": None,
@@ -750,7 +753,8 @@ EXAMPLES = {
     "map": """\
         examples:
           openmm-backmap map --data ala2.h5 --preset backbone-cb --out ala2_cg.h5
-          openmm-backmap map --data benzene.h5 --preset benzene-3bead --out benzene_cg.h5""",
+          openmm-backmap map --data benzene.h5 --preset benzene-3bead --out benzene_cg.h5
+          openmm-backmap map --data ala2.h5 --preset backbone-cb --optimize-force-map --out ala2_cg.h5""",
     "train-potential": """\
         The mapping comes from --mapping, or --preset, or the map stored in the CG file by 'map'; its AA topology
         from --aa-data or the AA dataset the CG file was mapped from. Writes OUT, OUT-stem.training.csv (one row
@@ -862,6 +866,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="mapping preset: ca, backbone-cb, residue, molecule, benzene-3bead, ...")
     p.add_argument("--mapping", help="mapping YAML file (instead of --preset)")
     p.add_argument("--out", help="output CG HDF5 file")
+    p.add_argument("--optimize-force-map", action="store_true",
+                   help="aggregate forces with the least-noise consistent force map, fitted on the dataset's forces "
+                        "(statistically optimal force aggregation); written into OUT-stem.mapping.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     p = add("train-potential", "Train a CG potential (priors + SchNet) by force matching on a CG dataset.")

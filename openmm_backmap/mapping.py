@@ -177,6 +177,7 @@ class CGMapping:
         self._position = self._position_matrix()
         self._constraints = np.zeros((0, 2), dtype=np.int64)
         self._force = self._shares
+        self._force_optimized = False
         self._cg_top: md.Topology | None = None
         self._tree_levels: list[tuple[np.ndarray, np.ndarray]] | None = None
         if system is not None:
@@ -304,8 +305,87 @@ class CGMapping:
         resulting force map still differs between constrained atoms, i.e. when constraint forces would
         enter the mapped forces (e.g. a bond constrained between atoms of different beads).
         """
+        if self._force_optimized:
+            raise ValueError("this mapping has an optimised force map; set the constraints first, then optimise "
+                             "(with_optimized_force_map)")
         new = copy.copy(self)
         new._set_constraints(constraints)
+        return new
+
+    def with_optimized_force_map(
+        self, forces: "AADataset | str | Path | Any", *, max_frames: int = 20_000
+    ) -> "CGMapping":
+        """Return a copy whose force map has the least noise: statistically optimal force aggregation.
+
+        Every force map consistent with the position map yields mapped forces with the same conditional mean,
+        the mean force that force matching learns; their noise differs. This one minimises the mean square of the
+        mapped forces over the given AA frames subject to :math:`G P^T = I` and equal weights on atoms joined by
+        constraints (Krämer et al., J. Phys. Chem. Lett. 14, 3970, 2023), with each bead's row over the atoms of
+        its molecule. On alanine dipeptide in OBC2 (``backbone-cb``, HBonds) it lowers the mean-square mapped
+        force by about a third, from 0.99e6 to 0.68e6 (kJ/mol/nm)² on held-out frames; since the mean force
+        is the same for both maps, that is the noise of the targets going down (see ``docs/potential.md``).
+
+        Parameters
+        ----------
+        forces
+            An :class:`~openmm_backmap.data.AADataset` (or its path) with forces, or an array of AA forces,
+            shape ``(n_frames, n_atoms, 3)``, kJ/mol/nm. With a dataset whose System has constraints, a mapping
+            that knows none is first made constraint-aware with them (:meth:`with_constraints`).
+        max_frames
+            Use at most this many frames (evenly strided) to estimate the force second moment.
+
+        Raises
+        ------
+        ValueError
+            Forces of the wrong shape, non-finite, fewer than two frames, a dataset without forces or of
+            another topology, a bead combining atoms of several molecules, or a molecule too large
+            (``_forcemap.MAX_MOLECULE_ATOMS`` atoms).
+        """
+        from ._forcemap import optimal_force_matrix
+        from .data import AADataset
+
+        if int(max_frames) < 2:
+            raise ValueError(f"max_frames must be >= 2, got {max_frames}")
+        base = self
+        if isinstance(forces, (AADataset, str, Path)):
+            own = not isinstance(forces, AADataset)
+            aa = AADataset(forces) if own else forces
+            try:
+                if aa.topology_fingerprint != self._fingerprint or aa.n_atoms != self.n_atoms:
+                    raise ValueError(f"{aa.path} holds another topology ({aa.n_atoms} atoms) than the mapping's "
+                                     f"({self.n_atoms} atoms)")
+                if "forces" not in aa.fields:
+                    raise ValueError(f"{aa.path} stores no forces")
+                frames = np.arange(aa.n_frames)
+                if len(frames) > max_frames:
+                    frames = np.linspace(0, aa.n_frames - 1, int(max_frames)).round().astype(int)
+                values = aa.forces[frames].astype(np.float64)
+                if not len(self._constraints):
+                    try:
+                        system = aa.system
+                    except ValueError:
+                        system = None
+                    if system is not None and system.getNumConstraints():
+                        base = self.with_constraints(system)
+            finally:
+                if own:
+                    aa.close()
+        else:
+            values = strip_unit(forces, unit.kilojoule_per_mole / unit.nanometer)
+            values = np.asarray(values, dtype=np.float64)
+            if values.ndim != 3 or values.shape[1:] != (self.n_atoms, 3):
+                raise ValueError(f"forces must have shape (n_frames, {self.n_atoms}, 3), got {values.shape}")
+            if len(values) > max_frames:
+                values = values[np.linspace(0, len(values) - 1, int(max_frames)).round().astype(int)]
+        if len(values) < 2:
+            raise ValueError(f"need at least two frames of forces to optimise the force map, got {len(values)}")
+        bad = ~np.isfinite(values).all(axis=(1, 2))
+        if bad.any():
+            raise ValueError(f"forces of frame {int(np.argmax(bad))} are not finite")
+        _, molecules = connected_components(_bond_graph(self._aa_top), directed=False)
+        new = copy.copy(base)
+        new._force = optimal_force_matrix(base._position, values, molecules, base._constraints)
+        new._force_optimized = True
         return new
 
     # ------------------------------------------------------------------ properties
@@ -358,6 +438,11 @@ class CGMapping:
     def force_matrix(self) -> np.ndarray:
         """Dense force map ``G``, shape ``(n_beads, n_atoms)``; bead forces are ``G @ f``."""
         return self._force.toarray()
+
+    @property
+    def has_optimized_force_map(self) -> bool:
+        """Whether the force map was optimised on AA forces (:meth:`with_optimized_force_map`)."""
+        return self._force_optimized
 
     @property
     def constraints(self) -> np.ndarray:
@@ -493,6 +578,9 @@ class CGMapping:
         }
         if len(self._constraints):
             doc["constraints"] = self._constraints.tolist()
+        if self._force_optimized:
+            force = self._force.tocoo()
+            doc["force_map"] = [[int(i), int(j), float(v)] for i, j, v in zip(force.row, force.col, force.data)]
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
 
     def save(self, path: str | Path) -> None:
@@ -542,6 +630,8 @@ class CGMapping:
             mapping = cls(topology, beads, weights=doc["weights"])
             if "constraints" in doc:
                 mapping._set_constraints(doc["constraints"])
+            if "force_map" in doc:
+                mapping._set_force_map(doc["force_map"])
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{source}: invalid mapping: {exc}") from exc
         return mapping
@@ -623,6 +713,21 @@ class CGMapping:
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _set_force_map(self, entries: Any) -> None:
+        """Install an explicit force map given as ``[bead, atom, weight]`` triples (a saved optimised map)."""
+        table = np.asarray(entries, dtype=np.float64)
+        if table.ndim != 2 or table.shape[1] != 3 or not np.isfinite(table).all():
+            raise ValueError("'force_map' must be a list of finite [bead, atom, weight] triples")
+        rows, cols = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
+        if np.any(rows != table[:, 0]) or np.any(cols != table[:, 1]) or rows.min(initial=0) < 0 \
+                or cols.min(initial=0) < 0 or rows.max(initial=0) >= self.n_beads or cols.max(initial=0) >= self.n_atoms:
+            raise ValueError("'force_map' has bead or atom indices out of range")
+        self._force = sp.csr_matrix((table[:, 2], (rows, cols)), shape=(self.n_beads, self.n_atoms))
+        self._force_optimized = True
+        if not self.is_force_map_consistent:
+            raise ValueError("'force_map' is not consistent with the position map (G P^T != I, or unequal on "
+                             "constrained atoms)")
 
     def _first_inconsistent_constraint(self) -> tuple[int, int] | None:
         if not len(self._constraints):
@@ -943,10 +1048,14 @@ def map_dataset(
             except ValueError:
                 system = None
             if system is not None and system.getNumConstraints():
+                if mapping.has_optimized_force_map:
+                    raise ValueError(f"the force map was optimised without constraints, but the System of {aa.path} "
+                                     "has some: optimise it again with the dataset (with_optimized_force_map(aa))")
                 mapping = mapping.with_constraints(system)
         fields = [f for f in aa.fields if f in ("positions", "forces", "velocities")]
         settings = {**aa.settings, "mapped_from": str(aa.path), "aa_topology_fingerprint": aa.topology_fingerprint,
-                    "constraint_aware_forces": bool(len(mapping.constraints))}
+                    "constraint_aware_forces": bool(len(mapping.constraints)),
+                    "optimized_force_map": mapping.has_optimized_force_map}
         tmp = path.with_name(path.name + ".partial")
         tmp.unlink(missing_ok=True)
         try:

@@ -122,6 +122,24 @@ def pipeline(tmp_path_factory):
     return {"root": root, "aa": aa, "cg": cg, "potential": potential, "backmapper": backmapper}
 
 
+def test_map_with_optimised_force_map(pipeline, tmp_path):
+    from openmm_backmap.data import AADataset, CGDataset
+    from openmm_backmap.mapping import CGMapping
+
+    out = tmp_path / "cg_opt.h5"
+    assert main(["map", "--data", str(pipeline["aa"]), "--preset", "backbone-cb", "--optimize-force-map",
+                 "--out", str(out)]) == 0
+    with AADataset(pipeline["aa"]) as aa:
+        topology, forces = aa.topology, aa.forces[:].astype(np.float64)
+        expected = CGMapping.from_preset(topology, "backbone-cb").with_optimized_force_map(aa)
+    saved = CGMapping.load(out.with_suffix(".mapping.yaml"), topology)
+    assert saved.has_optimized_force_map
+    assert np.allclose(saved.force_matrix, expected.force_matrix, atol=1e-10)
+    with CGDataset(out) as cg, CGDataset(pipeline["cg"]) as plain:
+        assert np.allclose(cg.forces[:], saved.map_forces(forces), atol=1e-2)
+        assert np.mean(cg.forces[:] ** 2) < np.mean(plain.forces[:] ** 2)  # less noise than the bead net forces
+
+
 def test_train_potential_outputs_and_resume(pipeline, tmp_path, capsys):
     from openmm_backmap.potential import CGPotential
 

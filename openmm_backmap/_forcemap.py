@@ -1,0 +1,101 @@
+"""Statistically optimal linear force maps (force aggregation; Krämer et al., JPCL 14, 3970, 2023).
+
+Any force map ``G`` that is consistent with the position map ``P`` (``G P^T = I``, and equal on the atoms of a
+cluster joined by constraints) gives mapped forces ``G f`` whose conditional mean at fixed CG coordinates is the
+same mean force (the gradient of the many-body PMF). Their *noise* is not the same: the net force on a bead's
+atoms carries the fast bond and angle forces that pull the bead against its neighbours, and atoms outside the
+bead can cancel much of it. Force matching learns the mean force from a noisy target, so a map with less noise is
+worth more data. Because the mean force is fixed, minimising the mean square of ``G f`` over AA frames minimises the
+noise; for each bead ``I`` that is a quadratic programme with linear equality constraints::
+
+    minimise  g^T S g   subject to  P g = e_I,   g_i = g_j for constrained atoms i, j,
+
+with ``S_ij = <f_i . f_j> / 3`` the second moment of the atomic forces (per Cartesian component, averaged over
+frames and components). It is solved here exactly (KKT system) over the atoms of the bead's molecule (connected
+component of the bond graph): forces on other molecules are left out, which keeps the map local and sparse.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+#: Largest molecule (atoms) whose force second moment is formed densely; larger molecules are refused.
+MAX_MOLECULE_ATOMS = 5000
+#: Ridge added to the second moment, relative to its mean diagonal: fixes the weights of atoms that carry no force
+#: (massless sites, fixed atoms) at zero instead of leaving the system singular; far below any force's variance.
+RIDGE = 1e-9
+
+
+def optimal_force_matrix(
+    position: sp.spmatrix,
+    forces: np.ndarray,
+    molecules: np.ndarray,
+    constraints: np.ndarray,
+) -> sp.csr_matrix:
+    """The force map of least mean-square mapped force consistent with ``position`` and ``constraints``.
+
+    Parameters
+    ----------
+    position
+        Position map ``P``, shape ``(n_beads, n_atoms)``, rows summing to one.
+    forces
+        AA forces, shape ``(n_frames, n_atoms, 3)`` (kJ/mol/nm), finite.
+    molecules
+        Molecule label of every atom, shape ``(n_atoms,)``; a bead's row is supported on its molecule's atoms.
+    constraints
+        Constrained atom pairs, shape ``(n_constraints, 2)``; such atoms get equal weights.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``G``, shape ``(n_beads, n_atoms)``, with ``G P^T = I``.
+    """
+    position = sp.csr_matrix(position)
+    n_beads, n_atoms = position.shape
+    n_frames = forces.shape[0]
+    # constraint clusters: atoms tied to one weight
+    if len(constraints):
+        graph = sp.coo_matrix((np.ones(len(constraints)), (constraints[:, 0], constraints[:, 1])),
+                              shape=(n_atoms, n_atoms))
+        _, cluster = connected_components(graph, directed=False)
+    else:
+        cluster = np.arange(n_atoms)
+    bead_molecules = [np.unique(molecules[position[I].indices]) for I in range(n_beads)]
+    spanning = [I for I, mols in enumerate(bead_molecules) if len(mols) > 1]
+    if spanning:
+        raise ValueError(f"bead {spanning[0]} combines atoms of several molecules: no optimised force map for it")
+    rows, cols, vals = [], [], []
+    for mol in np.unique(molecules):
+        beads = [I for I in range(n_beads) if mol in bead_molecules[I]]
+        if not beads:
+            continue
+        atoms = np.flatnonzero(molecules == mol)
+        if len(atoms) > MAX_MOLECULE_ATOMS:
+            raise ValueError(f"a molecule of {len(atoms)} atoms is too large for an optimised force map "
+                             f"(at most {MAX_MOLECULE_ATOMS})")
+        _, tie = np.unique(cluster[atoms], return_inverse=True)
+        n_var = int(tie.max()) + 1
+        tie_matrix = np.zeros((len(atoms), n_var))
+        tie_matrix[np.arange(len(atoms)), tie] = 1.0
+        f = forces[:, atoms, :].transpose(0, 2, 1).reshape(-1, len(atoms))  # (3 F, atoms)
+        moment = (f.T @ f) / (3 * n_frames)
+        reduced = tie_matrix.T @ moment @ tie_matrix
+        reduced += RIDGE * max(float(np.trace(reduced)) / n_var, 1e-300) * np.eye(n_var)
+        constraint = position[beads][:, atoms].toarray() @ tie_matrix  # (beads here, n_var)
+        kkt = np.block([[2.0 * reduced, constraint.T], [constraint, np.zeros((len(beads), len(beads)))]])
+        rhs = np.concatenate([np.zeros((n_var, len(beads))), np.eye(len(beads))])
+        try:
+            solution = np.linalg.solve(kkt, rhs)[:n_var]  # (n_var, beads here)
+        except np.linalg.LinAlgError as exc:
+            raise ValueError("the optimised force map is not determined: the beads of a molecule are linearly "
+                             "dependent in the position map") from exc
+        weights = tie_matrix @ solution  # (atoms, beads here)
+        for k, I in enumerate(beads):
+            keep = np.abs(weights[:, k]) > 1e-12
+            rows.append(np.full(int(keep.sum()), I))
+            cols.append(atoms[keep])
+            vals.append(weights[keep, k])
+    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                           shape=(n_beads, n_atoms))
+    return matrix
