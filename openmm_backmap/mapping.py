@@ -32,6 +32,8 @@ Force map and constraints (multiscale coarse-graining, MS-CG)
     the heavy atom's share(s), and a cluster touching several beads splits its unmapped atoms' forces
     equally between them. Clusters touching no bead are dropped, as are unmapped unconstrained atoms.
     :attr:`CGMapping.is_force_map_consistent` reports whether both conditions hold.
+    :meth:`CGMapping.with_optimized_force_map` replaces this map by the consistent one whose mapped forces
+    have the least noise on given AA forces (statistically optimal force aggregation, ``_forcemap``).
 
 Periodic boundaries
     With box vectors, each molecule (connected component of the AA bond graph) is made whole before
