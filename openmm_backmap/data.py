@@ -626,6 +626,8 @@ def simulate_reference(
                 resume = False
             else:
                 last = existing.frame(existing.n_frames - 1)
+                if int(last["step"]) >= n_steps:  # already run that far: leave the file alone (not even opened
+                    return path                    # for writing, so readers of a finished run are never disturbed)
                 if "velocities" not in last:
                     raise ValueError(f"cannot continue {path}: it stores no velocities")
     if resume:

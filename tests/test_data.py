@@ -116,7 +116,11 @@ def test_append_continues_without_duplicates(adp, adp_run, tmp_path):
     kw = dict(report_interval=20, dtype="float64", platform="Reference", progress=False, seed=3)
     simulate_reference(path, adp.topology, adp.system, adp.positions, n_steps=200, **kw)
     simulate_reference(path, adp.topology, adp.system, adp.positions, n_steps=400, append=True, **kw)
-    simulate_reference(path, adp.topology, adp.system, adp.positions, n_steps=400, append=True, **kw)  # no-op
+    before = path.read_bytes()
+    with AADataset(path):  # a run already that long is left byte for byte as it was, even while being read
+        simulate_reference(path, adp.topology, adp.system, adp.positions, n_steps=400, append=True, **kw)
+        simulate_reference(path, adp.topology, adp.system, adp.positions, n_steps=300, append=True, **kw)
+    assert path.read_bytes() == before
     with AADataset(path) as ds, AADataset(adp_run) as ref:
         np.testing.assert_array_equal(ds.step, np.arange(20, 401, 20))
         assert np.all(np.diff(ds.time) > 0)
