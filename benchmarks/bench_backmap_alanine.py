@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, save  # noqa: E402
-from bench_cg_alanine import DEFAULT_AA_NS, work_files  # noqa: E402
+from bench_cg_alanine import DEFAULT_AA_NS, DEFAULT_FORCE_MAP, work_files  # noqa: E402
 
 import mdtraj as md  # noqa: E402
 
@@ -262,7 +262,7 @@ def main() -> None:
     np.savez_compressed(work / "backmapped_test.npz", **{k: v.astype(np.float32) for k, v in xyz.items()})
 
     # -- generalization set: CG simulation with the force-matched potential ------------------------------
-    pot_path = work_files(DEFAULT_AA_NS)["potential"]
+    pot_path = work_files(DEFAULT_AA_NS, force_map=DEFAULT_FORCE_MAP)["potential"]
     if pot_path.exists():
         from bench_cg_alanine import run_cg
 
