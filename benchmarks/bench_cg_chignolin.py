@@ -4,7 +4,11 @@ AA reference (amber14 + OBC2 at 350 K, from the extended chain) -> 10-bead Cα m
 replicas of CG Langevin dynamics (TorchForce, 4 fs) -> blow-ups, and the Jensen–Shannon divergence of every
 bead-pair distance distribution against the mapped AA data (and of the end-to-end distance).
 
-    python benchmarks/bench_cg_chignolin.py [--aa-ns 10] [--replicas 8] [--steps 250000] [--quick]
+Training forces are mapped with the least-noise consistent force map (``--force-map optimized``, the default) or
+the beads' net forces (``constraint-aware``); a potential of the other map found in the work folder is run beside
+it (see bench_cg_alanine.py).
+
+    python benchmarks/bench_cg_chignolin.py [--aa-ns 10] [--replicas 8] [--steps 250000] [--force-map MAP] [--quick]
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, save  # noqa: E402
-from bench_cg_alanine import run_cg  # noqa: E402
+from bench_cg_alanine import DEFAULT_FORCE_MAP, FORCE_MAPS, run_cg  # noqa: E402
 
 from openmm_backmap import metrics, systems  # noqa: E402
 from openmm_backmap.data import CGDataset, simulate_reference  # noqa: E402
@@ -37,6 +41,9 @@ def main() -> None:
     parser.add_argument("--dt-fs", type=float, default=4.0)
     parser.add_argument("--equilibration-steps", type=int, default=50_000, help="AA steps before the first frame")
     parser.add_argument("--work", type=Path, default=RESULTS / "work_cg_chignolin")
+    parser.add_argument("--force-map", choices=FORCE_MAPS, default=DEFAULT_FORCE_MAP,
+                        help="force map of the training data (see bench_cg_alanine.py)")
+    parser.add_argument("--train-only", action="store_true", help="stop after training (and saving) the potential")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 20 ps of AA data (100 frames) after 2000 equilibration steps, 2 epochs, "
                              "2 replicas × 2000 CG steps; the potential is always retrained")
@@ -53,24 +60,40 @@ def main() -> None:
     aa = simulate_reference(work / "aa.h5", ts.topology, ts.system, ts.positions, n_steps=n_steps,
                             report_interval=100, temperature_K=350.0, equilibration_steps=args.equilibration_steps,
                             append=True, seed=1, progress=not args.quick)
-    mapping = CGMapping.from_preset(ts.topology, "ca")
-    cg_path = map_dataset(aa, mapping, work / "cg.h5", overwrite=True)
+    mapping = CGMapping.from_preset(ts.topology, "ca", system=ts.system)
+    if args.force_map == "optimized":
+        mapping = mapping.with_optimized_force_map(aa)
+
+    def tag(force_map: str) -> str:
+        return "" if force_map == "constraint-aware" else f"_{force_map}"
+
+    cg_path = map_dataset(aa, mapping, work / f"cg{tag(args.force_map)}.h5", overwrite=True)
     with CGDataset(cg_path) as cg:
         ref = cg.positions[:].astype(np.float64)
-    model_path = work / "potential.pt"
+    model_path = work / f"potential{tag(args.force_map)}.pt"
     if model_path.exists() and not args.quick:
         full = CGPotential.load(model_path, mapping=mapping)
     else:
         full = ForceMatchingTrainer(mapping, cg_path, max_epochs=args.epochs, patience=6, max_frames=args.train_frames,
-                                    batch_size=256, learning_rate=2e-3, log=work / "training.csv", seed=0).fit()
+                                    batch_size=256, learning_rate=2e-3, log=work / f"training{tag(args.force_map)}.csv",
+                                    seed=0).fit()
         full.save(model_path)
+    if args.train_only:
+        print(f"trained: {model_path}", full.metadata.get("val_force_mse"), full.metadata.get("priors_only_val_force_mse"))
+        return
+    models = {f"priors + SchNet, {args.force_map} force map": full}
+    for other in FORCE_MAPS:  # the other map's potential too, if trained: side by side in one run
+        path = work / f"potential{tag(other)}.pt"
+        if other != args.force_map and path.exists() and not args.quick:
+            models[f"priors + SchNet, {other} force map"] = CGPotential.load(path, mapping=mapping)
+    models["priors only"] = full.priors_only()
 
     pairs = np.array(list(combinations(range(mapping.n_beads), 2)))
     ref_d = metrics.distances(ref, pairs)
     rng = np.random.default_rng(0)
     starts = [ref[i] for i in rng.choice(len(ref), size=args.replicas, replace=False)]
     results = {}
-    for label, model in {"priors + SchNet": full, "priors only": full.priors_only()}.items():
+    for label, model in models.items():
         frames, info = run_cg(mapping, model.float(), starts, args.steps, args.dt_fs, 250, seed=2, temperature_K=350.0)
         xyz = frames.reshape(-1, mapping.n_beads, 3) if len(frames) else np.zeros((0, mapping.n_beads, 3))
         row = {**info, "frames": len(xyz)}
@@ -96,7 +119,7 @@ def main() -> None:
                       f"{r['steps_per_s']:.0f} |")
         else:
             md.append(f"| {label} | {r['blow_up']} | – | – | – |")
-    md.append(f"\nValidation force MSE: priors only {full.metadata.get('priors_only_val_force_mse', float('nan')):.0f}, "
+    md.append(f"\nValidation force MSE ({args.force_map} force map targets): priors only {full.metadata.get('priors_only_val_force_mse', float('nan')):.0f}, "
               f"priors + SchNet {full.metadata.get('val_force_mse', float('nan')):.0f} (kJ/mol/nm)²; wall time "
               f"{time.perf_counter() - t_start:.0f} s. A {args.aa_ns} ns reference from an extended chain does not "
               "sample chignolin's folding equilibrium; the comparison is with the sampled ensemble.\n")
