@@ -16,6 +16,8 @@ component of the bond graph): forces on other molecules are left out, which keep
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
@@ -29,7 +31,7 @@ RIDGE = 1e-9
 
 def optimal_force_matrix(
     position: sp.spmatrix,
-    forces: np.ndarray,
+    force_chunks: Iterable[np.ndarray],
     molecules: np.ndarray,
     constraints: np.ndarray,
 ) -> sp.csr_matrix:
@@ -39,8 +41,9 @@ def optimal_force_matrix(
     ----------
     position
         Position map ``P``, shape ``(n_beads, n_atoms)``, rows summing to one.
-    forces
-        AA forces, shape ``(n_frames, n_atoms, 3)`` (kJ/mol/nm), finite.
+    force_chunks
+        AA forces in blocks of frames, each ``(n, n_atoms, 3)`` (kJ/mol/nm), finite; only the second moments of the
+        atoms of molecules that hold beads are accumulated, so a solvated system never needs all forces in memory.
     molecules
         Molecule label of every atom, shape ``(n_atoms,)``; a bead's row is supported on its molecule's atoms.
     constraints
@@ -53,9 +56,7 @@ def optimal_force_matrix(
     """
     position = sp.csr_matrix(position)
     n_beads, n_atoms = position.shape
-    n_frames = forces.shape[0]
-    # constraint clusters: atoms tied to one weight
-    if len(constraints):
+    if len(constraints):  # constraint clusters: atoms tied to one weight
         graph = sp.coo_matrix((np.ones(len(constraints)), (constraints[:, 0], constraints[:, 1])),
                               shape=(n_atoms, n_atoms))
         _, cluster = connected_components(graph, directed=False)
@@ -65,22 +66,27 @@ def optimal_force_matrix(
     spanning = [I for I, mols in enumerate(bead_molecules) if len(mols) > 1]
     if spanning:
         raise ValueError(f"bead {spanning[0]} combines atoms of several molecules: no optimised force map for it")
-    rows, cols, vals = [], [], []
-    for mol in np.unique(molecules):
-        beads = [I for I in range(n_beads) if mol in bead_molecules[I]]
-        if not beads:
-            continue
+    blocks = []  # (atoms, beads) of every molecule that holds beads
+    for mol in np.unique([mols[0] for mols in bead_molecules]):
         atoms = np.flatnonzero(molecules == mol)
         if len(atoms) > MAX_MOLECULE_ATOMS:
             raise ValueError(f"a molecule of {len(atoms)} atoms is too large for an optimised force map "
                              f"(at most {MAX_MOLECULE_ATOMS})")
+        blocks.append((atoms, [I for I in range(n_beads) if bead_molecules[I][0] == mol]))
+    moments = [np.zeros((len(atoms), len(atoms))) for atoms, _ in blocks]
+    n_samples = 0
+    for chunk in force_chunks:
+        for (atoms, _), moment in zip(blocks, moments):
+            f = chunk[:, atoms, :].transpose(0, 2, 1).reshape(-1, len(atoms))  # (3 n, atoms)
+            moment += f.T @ f
+        n_samples += 3 * len(chunk)
+    rows, cols, vals = [], [], []
+    for (atoms, beads), moment in zip(blocks, moments):
         _, tie = np.unique(cluster[atoms], return_inverse=True)
         n_var = int(tie.max()) + 1
         tie_matrix = np.zeros((len(atoms), n_var))
         tie_matrix[np.arange(len(atoms)), tie] = 1.0
-        f = forces[:, atoms, :].transpose(0, 2, 1).reshape(-1, len(atoms))  # (3 F, atoms)
-        moment = (f.T @ f) / (3 * n_frames)
-        reduced = tie_matrix.T @ moment @ tie_matrix
+        reduced = tie_matrix.T @ (moment / n_samples) @ tie_matrix
         reduced += RIDGE * max(float(np.trace(reduced)) / n_var, 1e-300) * np.eye(n_var)
         constraint = position[beads][:, atoms].toarray() @ tie_matrix  # (beads here, n_var)
         kkt = np.block([[2.0 * reduced, constraint.T], [constraint, np.zeros((len(beads), len(beads)))]])
@@ -96,6 +102,4 @@ def optimal_force_matrix(
             rows.append(np.full(int(keep.sum()), I))
             cols.append(atoms[keep])
             vals.append(weights[keep, k])
-    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                           shape=(n_beads, n_atoms))
-    return matrix
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_beads, n_atoms))

@@ -348,20 +348,29 @@ class CGMapping:
 
         if int(max_frames) < 2:
             raise ValueError(f"max_frames must be >= 2, got {max_frames}")
-        base = self
+        chunk = 512
+
+        def strided(n: int) -> np.ndarray:
+            return np.arange(n) if n <= max_frames else np.linspace(0, n - 1, int(max_frames)).round().astype(int)
+
+        def checked(block: np.ndarray, index: np.ndarray) -> np.ndarray:
+            bad = ~np.isfinite(block).all(axis=(1, 2))
+            if bad.any():
+                raise ValueError(f"forces of frame {int(index[np.argmax(bad)])} are not finite")
+            return block
+
+        base, own, aa = self, False, None
         if isinstance(forces, (AADataset, str, Path)):
             own = not isinstance(forces, AADataset)
             aa = AADataset(forces) if own else forces
-            try:
+        try:
+            if aa is not None:
                 if aa.topology_fingerprint != self._fingerprint or aa.n_atoms != self.n_atoms:
                     raise ValueError(f"{aa.path} holds another topology ({aa.n_atoms} atoms) than the mapping's "
                                      f"({self.n_atoms} atoms)")
                 if "forces" not in aa.fields:
                     raise ValueError(f"{aa.path} stores no forces")
-                frames = np.arange(aa.n_frames)
-                if len(frames) > max_frames:
-                    frames = np.linspace(0, aa.n_frames - 1, int(max_frames)).round().astype(int)
-                values = aa.forces[frames].astype(np.float64)
+                frames = strided(aa.n_frames)
                 if not len(self._constraints):
                     try:
                         system = aa.system
@@ -369,24 +378,24 @@ class CGMapping:
                         system = None
                     if system is not None and system.getNumConstraints():
                         base = self.with_constraints(system)
-            finally:
-                if own:
-                    aa.close()
-        else:
-            values = strip_unit(forces, unit.kilojoule_per_mole / unit.nanometer)
-            values = np.asarray(values, dtype=np.float64)
-            if values.ndim != 3 or values.shape[1:] != (self.n_atoms, 3):
-                raise ValueError(f"forces must have shape (n_frames, {self.n_atoms}, 3), got {values.shape}")
-            if len(values) > max_frames:
-                values = values[np.linspace(0, len(values) - 1, int(max_frames)).round().astype(int)]
-        if len(values) < 2:
-            raise ValueError(f"need at least two frames of forces to optimise the force map, got {len(values)}")
-        bad = ~np.isfinite(values).all(axis=(1, 2))
-        if bad.any():
-            raise ValueError(f"forces of frame {int(np.argmax(bad))} are not finite")
-        _, molecules = connected_components(_bond_graph(self._aa_top), directed=False)
+                chunks = (checked(aa.forces[frames[i:i + chunk]].astype(np.float64), frames[i:i + chunk])
+                          for i in range(0, len(frames), chunk))
+            else:
+                values = np.asarray(strip_unit(forces, unit.kilojoule_per_mole / unit.nanometer), dtype=np.float64)
+                if values.ndim != 3 or values.shape[1:] != (self.n_atoms, 3):
+                    raise ValueError(f"forces must have shape (n_frames, {self.n_atoms}, 3), got {values.shape}")
+                frames = strided(len(values))
+                chunks = (checked(values[frames[i:i + chunk]], frames[i:i + chunk])
+                          for i in range(0, len(frames), chunk))
+            if len(frames) < 2:
+                raise ValueError(f"need at least two frames of forces to optimise the force map, got {len(frames)}")
+            _, molecules = connected_components(_bond_graph(self._aa_top), directed=False)
+            matrix = optimal_force_matrix(base._position, chunks, molecules, base._constraints)
+        finally:
+            if own:
+                aa.close()
         new = copy.copy(base)
-        new._force = optimal_force_matrix(base._position, values, molecules, base._constraints)
+        new._force = matrix
         new._force_optimized = True
         return new
 
