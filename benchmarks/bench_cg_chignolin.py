@@ -4,9 +4,10 @@ AA reference (amber14 + OBC2 at 350 K, from the extended chain) -> 10-bead Cα m
 replicas of CG Langevin dynamics (TorchForce, 4 fs) -> blow-ups, and the Jensen–Shannon divergence of every
 bead-pair distance distribution against the mapped AA data (and of the end-to-end distance).
 
-Training forces are mapped with the least-noise consistent force map (``--force-map optimized``, the default) or
-the beads' net forces (``constraint-aware``); a potential of the other map found in the work folder is run beside
-it (see bench_cg_alanine.py).
+Training forces are mapped with the beads' net forces (``--force-map constraint-aware``, the default) or the
+least-noise consistent force map (``optimized``); a potential of the other map found in the work folder is run
+beside it (see bench_cg_alanine.py). Recorded run: ``--aa-ns 3 --force-map constraint-aware --train-only``, then
+``--aa-ns 3 --force-map optimized``.
 
     python benchmarks/bench_cg_chignolin.py [--aa-ns 10] [--replicas 8] [--steps 250000] [--force-map MAP] [--quick]
 """
