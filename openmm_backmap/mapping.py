@@ -371,13 +371,9 @@ class CGMapping:
                 if "forces" not in aa.fields:
                     raise ValueError(f"{aa.path} stores no forces")
                 frames = strided(aa.n_frames)
-                if not len(self._constraints):
-                    try:
-                        system = aa.system
-                    except ValueError:
-                        system = None
-                    if system is not None and system.getNumConstraints():
-                        base = self.with_constraints(system)
+                system = _constrained_system(aa)
+                if system is not None and not len(self._constraints):
+                    base = self.with_constraints(system)
                 chunks = (checked(aa.forces[frames[i:i + chunk]].astype(np.float64), frames[i:i + chunk])
                           for i in range(0, len(frames), chunk))
             else:
@@ -1000,6 +996,15 @@ def _check_format(doc: Mapping[str, Any], expected: str, version: int, source: s
         )
 
 
+def _constrained_system(aa: "AADataset") -> openmm.System | None:
+    """The dataset's stored System if it has constraints, else ``None`` (also when no System is stored)."""
+    try:
+        system = aa.system
+    except ValueError:
+        return None
+    return system if system.getNumConstraints() else None
+
+
 def map_dataset(
     dataset: "AADataset | str | Path",
     mapping: CGMapping,
@@ -1053,16 +1058,12 @@ def map_dataset(
             )
         if aa.n_frames == 0:
             raise ValueError(f"{aa.path} holds no frames")
-        if not len(mapping.constraints):
-            try:
-                system = aa.system
-            except ValueError:
-                system = None
-            if system is not None and system.getNumConstraints():
-                if mapping.has_optimized_force_map:
-                    raise ValueError(f"the force map was optimised without constraints, but the System of {aa.path} "
-                                     "has some: optimise it again with the dataset (with_optimized_force_map(aa))")
-                mapping = mapping.with_constraints(system)
+        system = _constrained_system(aa)
+        if system is not None and not len(mapping.constraints):
+            if mapping.has_optimized_force_map:
+                raise ValueError(f"the force map was optimised without constraints, but the System of {aa.path} "
+                                 "has some: optimise it again with the dataset (with_optimized_force_map(aa))")
+            mapping = mapping.with_constraints(system)
         fields = [f for f in aa.fields if f in ("positions", "forces", "velocities")]
         settings = {**aa.settings, "mapped_from": str(aa.path), "aa_topology_fingerprint": aa.topology_fingerprint,
                     "constraint_aware_forces": bool(len(mapping.constraints)),
