@@ -66,13 +66,18 @@ def optimal_force_matrix(
     spanning = [I for I, mols in enumerate(bead_molecules) if len(mols) > 1]
     if spanning:
         raise ValueError(f"bead {spanning[0]} combines atoms of several molecules: no optimised force map for it")
+    beads_of: dict[int, list[int]] = {}  # the beads of every molecule that holds beads
+    for I, mols in enumerate(bead_molecules):
+        beads_of.setdefault(int(mols[0]), []).append(I)
+    order = np.argsort(molecules, kind="stable")
+    bounds = np.searchsorted(molecules[order], [np.arange(molecules.max() + 1), np.arange(1, molecules.max() + 2)])
     blocks = []  # (atoms, beads) of every molecule that holds beads
-    for mol in np.unique([mols[0] for mols in bead_molecules]):
-        atoms = np.flatnonzero(molecules == mol)
+    for mol, beads in sorted(beads_of.items()):
+        atoms = order[bounds[0, mol]:bounds[1, mol]]
         if len(atoms) > MAX_MOLECULE_ATOMS:
             raise ValueError(f"a molecule of {len(atoms)} atoms is too large for an optimised force map "
                              f"(at most {MAX_MOLECULE_ATOMS})")
-        blocks.append((atoms, [I for I in range(n_beads) if bead_molecules[I][0] == mol]))
+        blocks.append((atoms, beads))
     moments = [np.zeros((len(atoms), len(atoms))) for atoms, _ in blocks]
     n_samples = 0
     for chunk in force_chunks:

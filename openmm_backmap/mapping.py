@@ -371,8 +371,8 @@ class CGMapping:
                 if "forces" not in aa.fields:
                     raise ValueError(f"{aa.path} stores no forces")
                 frames = strided(aa.n_frames)
-                system = _constrained_system(aa)
-                if system is not None and not len(self._constraints):
+                system = None if len(self._constraints) else _constrained_system(aa)
+                if system is not None:
                     base = self.with_constraints(system)
                 chunks = (checked(aa.forces[frames[i:i + chunk]].astype(np.float64), frames[i:i + chunk])
                           for i in range(0, len(frames), chunk))
@@ -1058,8 +1058,8 @@ def map_dataset(
             )
         if aa.n_frames == 0:
             raise ValueError(f"{aa.path} holds no frames")
-        system = _constrained_system(aa)
-        if system is not None and not len(mapping.constraints):
+        system = None if len(mapping.constraints) else _constrained_system(aa)
+        if system is not None:
             if mapping.has_optimized_force_map:
                 raise ValueError(f"the force map was optimised without constraints, but the System of {aa.path} "
                                  "has some: optimise it again with the dataset (with_optimized_force_map(aa))")
