@@ -13,10 +13,11 @@ noise; for each bead ``I`` that is a quadratic programme with linear equality co
 with ``S_ij = <f_i . f_j> / 3`` the second moment of the atomic forces (per Cartesian component, averaged over
 frames and components). It is solved here exactly (KKT system) over the atoms of the bead's molecule (connected
 component of the bond graph): forces on other molecules are left out, which keeps the map local and sparse.
+Copies of one molecule (a liquid's molecules) share one map fitted to all of them: their second moments are pooled.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +35,7 @@ def optimal_force_matrix(
     force_chunks: Iterable[np.ndarray],
     molecules: np.ndarray,
     constraints: np.ndarray,
+    atom_labels: Optional[np.ndarray] = None,
 ) -> sp.csr_matrix:
     """The force map of least mean-square mapped force consistent with ``position`` and ``constraints``.
 
@@ -48,6 +50,12 @@ def optimal_force_matrix(
         Molecule label of every atom, shape ``(n_atoms,)``; a bead's row is supported on its molecule's atoms.
     constraints
         Constrained atom pairs, shape ``(n_constraints, 2)``; such atoms get equal weights.
+    atom_labels
+        Chemical identity of every atom, shape ``(n_atoms,)`` (e.g. integers for residue name, atom name and
+        element). Molecules whose atoms carry the same labels in the same order, with the same beads and the same
+        constraint ties, are copies of one species: their second moments are pooled and they share one map (the
+        molecules of a liquid get one map fitted to all of them, with as many samples as molecules per frame).
+        ``None``: every molecule is fitted on its own.
 
     Returns
     -------
@@ -71,40 +79,66 @@ def optimal_force_matrix(
         beads_of.setdefault(int(mols[0]), []).append(I)
     order = np.argsort(molecules, kind="stable")
     bounds = np.searchsorted(molecules[order], [np.arange(molecules.max() + 1), np.arange(1, molecules.max() + 2)])
-    blocks = []  # (atoms, beads) of every molecule that holds beads
+    # species: molecules with the same atoms, beads and ties share one second moment and one solution
+    species: dict[tuple, _Species] = {}
     for mol, beads in sorted(beads_of.items()):
         atoms = order[bounds[0, mol]:bounds[1, mol]]
         if len(atoms) > MAX_MOLECULE_ATOMS:
             raise ValueError(f"a molecule of {len(atoms)} atoms is too large for an optimised force map "
                              f"(at most {MAX_MOLECULE_ATOMS})")
-        blocks.append((atoms, beads))
-    moments = [np.zeros((len(atoms), len(atoms))) for atoms, _ in blocks]
-    n_samples = 0
+        _, first, tie = np.unique(cluster[atoms], return_index=True, return_inverse=True)
+        tie = np.argsort(np.argsort(first))[tie]  # tie classes numbered by first appearance
+        block = position[beads][:, atoms].toarray()
+        key = (("molecule", mol) if atom_labels is None else
+               (tuple(np.asarray(atom_labels)[atoms].tolist()), block.shape, block.round(12).tobytes(), tie.tobytes()))
+        if key not in species:
+            species[key] = _Species(block, tie)
+        species[key].members.append((atoms, beads))
+    groups = list(species.values())
+    for group in groups:
+        group.atoms = np.stack([atoms for atoms, _ in group.members])  # (copies, atoms)
     for chunk in force_chunks:
-        for (atoms, _), moment in zip(blocks, moments):
-            f = chunk[:, atoms, :].transpose(0, 2, 1).reshape(-1, len(atoms))  # (3 n, atoms)
-            moment += f.T @ f
-        n_samples += 3 * len(chunk)
+        for group in groups:
+            f = chunk[:, group.atoms, :]  # (n, copies, atoms, 3)
+            f = f.transpose(0, 1, 3, 2).reshape(-1, group.atoms.shape[1])  # (3 n copies, atoms)
+            group.moment += f.T @ f
+            group.n_samples += len(f)
     rows, cols, vals = [], [], []
-    for (atoms, beads), moment in zip(blocks, moments):
-        _, tie = np.unique(cluster[atoms], return_inverse=True)
-        n_var = int(tie.max()) + 1
-        tie_matrix = np.zeros((len(atoms), n_var))
-        tie_matrix[np.arange(len(atoms)), tie] = 1.0
-        reduced = tie_matrix.T @ (moment / n_samples) @ tie_matrix
+    for group in groups:
+        weights = group.solve()  # (atoms, beads of one copy)
+        for atoms, beads in group.members:
+            for k, I in enumerate(beads):
+                keep = np.abs(weights[:, k]) > 1e-12
+                rows.append(np.full(int(keep.sum()), I))
+                cols.append(atoms[keep])
+                vals.append(weights[keep, k])
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_beads, n_atoms))
+
+
+class _Species:
+    """Copies of one molecule (atoms and beads of each) with their pooled force second moment."""
+
+    def __init__(self, block: np.ndarray, tie: np.ndarray) -> None:
+        self.block, self.tie = block, tie  # position map of one copy (beads, atoms); tie class of every atom
+        self.members: list[tuple[np.ndarray, list[int]]] = []
+        self.atoms = np.zeros((0, 0), dtype=np.int64)
+        self.moment = np.zeros((block.shape[1], block.shape[1]))
+        self.n_samples = 0
+
+    def solve(self) -> np.ndarray:
+        """Weights ``(atoms, beads)`` of one copy: the KKT system of the module docstring."""
+        n_atoms, n_beads = self.block.shape[1], self.block.shape[0]
+        n_var = int(self.tie.max()) + 1
+        tie_matrix = np.zeros((n_atoms, n_var))
+        tie_matrix[np.arange(n_atoms), self.tie] = 1.0
+        reduced = tie_matrix.T @ (self.moment / self.n_samples) @ tie_matrix
         reduced += RIDGE * max(float(np.trace(reduced)) / n_var, 1e-300) * np.eye(n_var)
-        constraint = position[beads][:, atoms].toarray() @ tie_matrix  # (beads here, n_var)
-        kkt = np.block([[2.0 * reduced, constraint.T], [constraint, np.zeros((len(beads), len(beads)))]])
-        rhs = np.concatenate([np.zeros((n_var, len(beads))), np.eye(len(beads))])
+        constraint = self.block @ tie_matrix  # (beads, n_var)
+        kkt = np.block([[2.0 * reduced, constraint.T], [constraint, np.zeros((n_beads, n_beads))]])
+        rhs = np.concatenate([np.zeros((n_var, n_beads)), np.eye(n_beads)])
         try:
-            solution = np.linalg.solve(kkt, rhs)[:n_var]  # (n_var, beads here)
+            solution = np.linalg.solve(kkt, rhs)[:n_var]  # (n_var, beads)
         except np.linalg.LinAlgError as exc:
             raise ValueError("the optimised force map is not determined: the beads of a molecule are linearly "
                              "dependent in the position map") from exc
-        weights = tie_matrix @ solution  # (atoms, beads here)
-        for k, I in enumerate(beads):
-            keep = np.abs(weights[:, k]) > 1e-12
-            rows.append(np.full(int(keep.sum()), I))
-            cols.append(atoms[keep])
-            vals.append(weights[keep, k])
-    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_beads, n_atoms))
+        return tie_matrix @ solution

@@ -323,9 +323,11 @@ class CGMapping:
         the mean force that force matching learns; their noise differs. This one minimises the mean square of the
         mapped forces over the given AA frames subject to :math:`G P^T = I` and equal weights on atoms joined by
         constraints (Krämer et al., J. Phys. Chem. Lett. 14, 3970, 2023), with each bead's row over the atoms of
-        its molecule. On alanine dipeptide in OBC2 (``backbone-cb``, HBonds) it lowers the mean-square mapped
-        force by about a third, from 0.99e6 to 0.68e6 (kJ/mol/nm)² on held-out frames; since the mean force
-        is the same for both maps, that is the noise of the targets going down (see ``docs/potential.md``).
+        its molecule. Copies of one molecule (same residue and atom names, beads and constraints: the molecules of
+        a liquid) share one map fitted to all of them. On alanine dipeptide in OBC2 (``backbone-cb``, HBonds) it
+        lowers the mean-square mapped force by about a third, from 0.99e6 to 0.68e6 (kJ/mol/nm)² on held-out
+        frames; since the mean force is the same for both maps, that is the noise of the targets going down (see
+        ``docs/potential.md``).
 
         Parameters
         ----------
@@ -386,7 +388,9 @@ class CGMapping:
             if len(frames) < 2:
                 raise ValueError(f"need at least two frames of forces to optimise the force map, got {len(frames)}")
             _, molecules = connected_components(_bond_graph(self._aa_top), directed=False)
-            matrix = optimal_force_matrix(base._position, chunks, molecules, base._constraints)
+            _, labels = np.unique([f"{a.residue.name}\0{a.name}\0{a.element.symbol if a.element else ''}"
+                                   for a in self._aa_top.atoms], return_inverse=True)
+            matrix = optimal_force_matrix(base._position, chunks, molecules, base._constraints, labels)
         finally:
             if own:
                 aa.close()

@@ -11,26 +11,33 @@ from openmm_backmap.data import AADataset, CGDataset
 from openmm_backmap.mapping import CGMapping, map_dataset
 
 
-def _well_and_bond_trajectory(n_frames=3000, well=200.0, bond=2.0e5, seed=5):
+def _well_and_bond_trajectory(n_frames=3000, well=200.0, bond=2.0e5, seed=5, partners=("H",)):
     """Atom 0 in an isotropic harmonic well (kJ/mol/nm²), atom 1 bound to it by a stiff bond; Langevin, 300 K.
 
     Integrating out atom 1 leaves the PMF of atom 0 equal to the well, so the mean force on a bead at atom 0 is
-    exactly ``-well * r0``; the bond force is pure noise around it.
+    exactly ``-well * r0``; the bond force is pure noise around it. ``partners`` gives one such pair per entry (the
+    element of atom 1), pairs not interacting with each other: a "liquid" of independent copies.
     """
     system = openmm.System()
-    system.addParticle(12.0)
-    system.addParticle(1.0)
     external = openmm.CustomExternalForce("0.5*kw*(x^2+y^2+z^2)")
     external.addGlobalParameter("kw", well)
-    external.addParticle(0, [])
-    system.addForce(external)
     bonds = openmm.HarmonicBondForce()
-    bonds.addBond(0, 1, 0.11, bond)
+    top = app.Topology()
+    chain = top.addChain()
+    for k, element in enumerate(partners):
+        system.addParticle(12.0)
+        system.addParticle(app.Element.getBySymbol(element).mass)
+        external.addParticle(2 * k, [])
+        bonds.addBond(2 * k, 2 * k + 1, 0.11, bond)
+        residue = top.addResidue("C" + element, chain)
+        c = top.addAtom("C", app.Element.getBySymbol("C"), residue)
+        top.addBond(c, top.addAtom(element, app.Element.getBySymbol(element), residue))
+    system.addForce(external)
     system.addForce(bonds)
     integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 20 / unit.picosecond, 0.0005 * unit.picosecond)
     integrator.setRandomNumberSeed(seed)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
-    context.setPositions(np.array([[0.0, 0.0, 0.0], [0.11, 0.0, 0.0]]))
+    context.setPositions(np.tile([[0.0, 0.0, 0.0], [0.11, 0.0, 0.0]], (len(partners), 1)))
     context.setVelocitiesToTemperature(300 * unit.kelvin, seed)
     integrator.step(2000)
     positions, forces = [], []
@@ -39,11 +46,6 @@ def _well_and_bond_trajectory(n_frames=3000, well=200.0, bond=2.0e5, seed=5):
         state = context.getState(getPositions=True, getForces=True)
         positions.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
         forces.append(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
-    top = app.Topology()
-    residue = top.addResidue("CH", top.addChain())
-    c = top.addAtom("C", app.Element.getBySymbol("C"), residue)
-    h = top.addAtom("H", app.Element.getBySymbol("H"), residue)
-    top.addBond(c, h)
     return top, np.array(positions), np.array(forces), well
 
 
@@ -62,6 +64,30 @@ def test_optimised_map_cancels_the_bond_noise_and_keeps_the_analytic_mean_force(
     rms = lambda a: float(np.sqrt(np.mean(a ** 2)))  # noqa: E731
     assert rms(noise_plain) > 300.0  # sqrt(k kT): the stiff bond's force
     assert rms(noise_optimised) < 1e-3 * rms(noise_plain)
+
+
+def test_copies_of_one_molecule_share_one_map_fitted_to_all_of_them():
+    """A 'liquid' of 24 independent C-H pairs and one C-F pair, 4 frames: the 24 C-H copies pool their samples."""
+    from openmm_backmap._forcemap import optimal_force_matrix
+
+    top, xyz, forces, well = _well_and_bond_trajectory(n_frames=8, partners=("H",) * 24 + ("F",), seed=11)
+    mapping = CGMapping(top, [{"name": "C", "atoms": [2 * k]} for k in range(25)])
+    fit, held = forces[:4], forces[4:]
+    pooled = mapping.with_optimized_force_map(fit)
+    g = pooled.force_matrix
+    assert pooled.is_force_map_consistent
+    partner = np.array([g[k, 2 * k + 1] for k in range(25)])
+    assert np.all(partner[:24] == partner[0])  # one map for the C-H copies ...
+    assert partner[24] != partner[0]  # ... and its own for the C-F pair
+    # pooling: the partner's weight (exactly 1 in the limit of many samples, see the test above) is estimated
+    # from 24 times as many samples as a copy has on its own
+    alone = optimal_force_matrix(mapping.position_matrix, [fit], np.repeat(np.arange(25), 2),
+                                 np.zeros((0, 2), dtype=int)).toarray()
+    error_alone = np.abs([alone[k, 2 * k + 1] - 1.0 for k in range(24)]).mean()
+    assert abs(partner[0] - 1.0) < 0.5 * error_alone
+    # and it keeps cancelling the bond noise on frames it was not fitted to
+    noise = pooled.map_forces(held) + well * pooled.map_positions(xyz[4:])
+    assert np.sqrt(np.mean(noise[:, :24] ** 2)) < 0.05 * np.sqrt(np.mean(mapping.map_forces(held)[:, :24] ** 2))
 
 
 def test_alanine_dipeptide_optimised_map_is_consistent_and_less_noisy(adp_aa_data, tmp_path):
