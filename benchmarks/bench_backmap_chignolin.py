@@ -34,10 +34,12 @@ from _common import RESULTS, save  # noqa: E402
 
 from openmm_backmap import systems  # noqa: E402
 from openmm_backmap.backmap import BackmapperTrainer, TemporalBackmapper  # noqa: E402
+from openmm_backmap.backmap.model import DEFAULT_ARCHITECTURE  # noqa: E402
 from openmm_backmap.data import AADataset, simulate_reference  # noqa: E402
 from openmm_backmap.evaluation import evaluate_run  # noqa: E402
 from openmm_backmap.mapping import CGMapping  # noqa: E402
 
+DEFAULT_HIDDEN = DEFAULT_ARCHITECTURE["hidden"]
 KEYS = ("bond_score", "clash_score", "energy_jsd", "energy_shift_kj_mol", "fes_jsd", "velocity_jsd",
         "velocity_jsd_ratio", "drift_kj_mol")
 
@@ -60,6 +62,9 @@ def main() -> None:
                              "iterations; default 0: no such row)")
     parser.add_argument("--relax-md", type=int, default=0, metavar="STEPS",
                         help="restrained Langevin steps at 350 K after --relax's minimisation (10/ps, 2 fs)")
+    parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
+                        help="width of the per-residue networks (default: the library's, %(default)s); another width "
+                             "keeps its models and results apart (`_h<width>` files, backmap_chignolin_h<width>.md)")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--train-only", choices=("temporal", "frame"), default=None,
                         help="train (or retrain) this model, save it and stop: lets the two models train in "
@@ -110,8 +115,9 @@ def main() -> None:
     models = {}
     cutoff = args.environment_cutoff if args.environment_cutoff is not None else (
         0.6 if args.units == "residue" else 0.0)
-    tag = "" if args.units == "molecule" else f"_{args.units}"
-    base = {"hidden": 512, "units": args.units, "environment_cutoff_nm": cutoff}
+    width = "" if args.hidden == DEFAULT_HIDDEN else f"_h{args.hidden}"
+    tag = ("" if args.units == "molecule" else f"_{args.units}") + width
+    base = {"hidden": args.hidden, "units": args.units, "environment_cutoff_nm": cutoff}
     for name, arch in (("temporal", {}), ("frame", {"condition_on_previous": False})):
         if args.train_only not in (None, name):
             continue
@@ -182,7 +188,7 @@ def main() -> None:
             if row["key"] in KEYS:
                 rows.setdefault(row["key"], {})[f"{name}:{row['subject']}"] = (row["value"], row["target"],
                                                                               row["passed"])
-    record = {"units": args.units, "environment_cutoff_nm": cutoff, "train_data": str(train_path), "train_ns": train_ns, "test_ns": args.test_ns,
+    record = {"units": args.units, "hidden": args.hidden, "environment_cutoff_nm": cutoff, "train_data": str(train_path), "train_ns": train_ns, "test_ns": args.test_ns,
               "test_frames": int(len(cg)), "lag_ps": 0.2,
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()},
               "rollout_steps": {n: m.metadata.get("rollout_steps") for n, m in models.items()},
@@ -207,6 +213,7 @@ def main() -> None:
         f"(frames every 0.2 ps, {models['temporal'].metadata['pairs']['train']} training pairs); tested on an "
         f"independent {args.test_ns:g} ns run ({len(cg)} frames, τ = 0.2 ps), backmapped autoregressively. "
         f"Units: {'one per residue, framed by the neighbouring Cα' if args.units == 'residue' else 'the whole chain'}"
+        f", networks {args.hidden} wide"
         f"{f', environment {cutoff:g} nm' if cutoff else ''}. `temporal` rows compare "
         "the temporal VAE (and, as `baseline`, the frame-based model); `library` rows the library lookup"
         + (f". Both models decode every residue from {n_candidates} latent draws and keep one along the chain by "
@@ -222,7 +229,7 @@ def main() -> None:
         + ", ".join(f"{n} {timings[f'backmap_{n}_ms_per_frame']:.2f}" for n, *_ in runs) + ". "
         f"Full reports: `{reports_dir}/report_*/report.html`.\n"
     )
-    save("backmap_chignolin", record, md_text)
+    save(f"backmap_chignolin{width}", record, md_text)
     print(md_text)
     print(json.dumps(timings, indent=1))
 

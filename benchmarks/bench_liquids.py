@@ -271,10 +271,10 @@ def section_cg(name: str, args) -> dict:
                 row.update(bonded_jsds(mapping, ref, xyz))
             results[key] = row
             print(name, key, {k: v for k, v in row.items() if not isinstance(v, (list, dict))}, flush=True)
-            if (lam == max(weights) and args.transfer_ps > 0 and label == "1-bead" or args.quick) and \
-                    info["blow_up"] is None:
+            if (lam == max(weights) and args.transfer_ps > 0 or args.quick) and info["blow_up"] is None:
+                stem = WORK / f"transfer_{name}_{label}_lambda{lam:g}_{int(args.transfer_ps * 1000 / dt_fs)}steps"
                 results[key]["size_transfer"] = size_transfer(mapping, pot, ref[-1], box, dt_fs, args, r, g_ref,
-                                                              top, preset)
+                                                              top, preset, checkpoint=stem)
                 print(name, key, "size transfer", {k: v for k, v in results[key]["size_transfer"].items()
                                                    if not isinstance(v, (list, dict))}, flush=True)
     return results
@@ -290,14 +290,15 @@ def mapping_whole(mapping, xyz, box, units):
     return out
 
 
-def size_transfer(mapping, pot, start, box, dt_fs, args, r, g_ref, top, preset) -> dict:
+def size_transfer(mapping, pot, start, box, dt_fs, args, r, g_ref, top, preset, checkpoint=None) -> dict:
     big_top, _, big_box = systems.replicate(top, np.zeros((top.getNumAtoms(), 3)), box, (2, 2, 2))
     big_mapping = CGMapping.from_preset(big_top, preset)
     big = pot.transfer(big_mapping)
     shifts = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)]) @ box
     big_start = np.concatenate([start + s for s in shifts])
     steps = int(args.transfer_ps * 1000 / dt_fs)
-    frames, info = run_cg(big_mapping, big.to(CG_DTYPE), big_start, big_box, n_steps=steps, dt_fs=dt_fs, seed=3)
+    frames, info = run_cg(big_mapping, big.to(CG_DTYPE), big_start, big_box, n_steps=steps, dt_fs=dt_fs, seed=3,
+                          checkpoint=checkpoint)
     units = bead_units(big_mapping)
     row = {**{k: v for k, v in info.items()}, "molecules": int(len(units))}
     if len(frames) > 10:

@@ -26,6 +26,7 @@ SECTIONS = {
     "cg_speed": "CG alanine dipeptide in OpenMM: speed (issue 4)",
     "backmap_alanine": "Backmapping alanine dipeptide (issue 5)",
     "backmap_chignolin": "Backmapping chignolin (issue 5)",
+    "backmap_chignolin_h512": "Backmapping chignolin with 512-wide networks (issue 5, `--hidden 512`)",
     "liquids": "Molecular liquids: CG potentials, size transfer, backmapping, speed (issue 6)",
 }
 
