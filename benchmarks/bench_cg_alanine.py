@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -194,7 +195,8 @@ def main() -> None:
         f, edges = metrics.free_energy_surface(phi, psi)
         im = ax.pcolormesh(np.degrees(edges), np.degrees(edges), np.where(np.isfinite(f), f, np.nan).T,
                            cmap="viridis", vmax=25)
-        ax.set(title=title, xlabel="φ (deg)", ylabel="ψ (deg)")
+        ax.set(xlabel="φ (deg)", ylabel="ψ (deg)")
+        ax.set_title(textwrap.fill(title, 28), fontsize=10)  # long model names would run into each other
     fig.colorbar(im, ax=axes, label="free energy (kJ/mol)")
     fig.savefig(RESULTS / "cg_alanine_fes.png", bbox_inches="tight")
 
