@@ -48,13 +48,18 @@ FORCE_MAPS = ("constraint-aware", "optimized")
 #: optimised map lowers the noise of the targets fourfold here but did not give a better FES in the one training
 #: of each compared so far (docs/potential.md); run it with --force-map optimized.
 DEFAULT_FORCE_MAP = "constraint-aware"
+#: Frames (strided over the reference) the potential is trained on by default: 100 000 of the 500 000, 80 % training.
+DEFAULT_TRAIN_FRAMES = 100_000
 
 
-def work_files(aa_ns: float, work: Path = WORK, force_map: str = "constraint-aware") -> dict:
-    """Files of one reference length and force map: AA data (``aa``), mapped data (``cg``), potential, training log."""
+def work_files(aa_ns: float, work: Path = WORK, force_map: str = "constraint-aware",
+               train_frames: int = DEFAULT_TRAIN_FRAMES) -> dict:
+    """Files of one reference length, force map and number of training frames: AA data (``aa``), mapped data
+    (``cg``), potential, training log."""
     tag = f"{aa_ns:g}ns" + ("" if force_map == "constraint-aware" else f"_{force_map}")
+    model = tag + ("" if train_frames == DEFAULT_TRAIN_FRAMES else f"_{train_frames // 1000}kframes")
     return {"aa": work / f"aa_{aa_ns:g}ns.h5", "cg": work / f"cg_{tag}.h5",
-            "potential": work / f"potential_{tag}.pt", "log": work / f"training_{tag}.csv"}
+            "potential": work / f"potential_{model}.pt", "log": work / f"training_{model}.csv"}
 
 
 def run_cg(mapping, potential, starts, n_steps, dt_fs, report_every, seed, temperature_K=300.0):
@@ -98,7 +103,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--aa-ns", type=float, default=DEFAULT_AA_NS,
                         help="AA reference length (ns); a longer run extends the stored shorter one if present")
-    parser.add_argument("--train-frames", type=int, default=100_000)
+    parser.add_argument("--train-frames", type=int, default=DEFAULT_TRAIN_FRAMES,
+                        help="frames (strided over the whole reference; 80%% of them train) to train on; other "
+                             "numbers than the default keep their own potential files, and the potentials of the "
+                             "default number are run beside them")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--steps", type=int, default=250_000)
@@ -121,7 +129,7 @@ def main() -> None:
 
     ts = systems.alanine_dipeptide("obc2")
     n_steps = int(args.aa_ns * 500_000) // 100 * 100
-    files = work_files(args.aa_ns, work, args.force_map)
+    files = work_files(args.aa_ns, work, args.force_map, args.train_frames)
     if not files["aa"].exists():  # extend the longest shorter reference instead of starting over
         shorter = sorted((p for p in work.glob("aa_*ns.h5") if float(p.stem[3:-2]) < args.aa_ns),
                          key=lambda p: float(p.stem[3:-2]))
@@ -152,11 +160,16 @@ def main() -> None:
     if args.train_only:
         print(f"trained: {model_path}", full.metadata.get("val_force_mse"), full.metadata.get("priors_only_val_force_mse"))
         return
-    models = {f"priors + SchNet, {args.force_map} force map": full}
-    for other in FORCE_MAPS:  # the model of the other force map too, if it was trained: side by side in one run
-        path = work_files(args.aa_ns, work, other)["potential"]
-        if other != args.force_map and path.exists() and not args.quick:
-            models[f"priors + SchNet, {other} force map"] = CGPotential.load(path, mapping=mapping)
+    def label(force_map: str, train_frames: int) -> str:
+        return f"priors + SchNet, {force_map} force map" + (
+            "" if train_frames == DEFAULT_TRAIN_FRAMES else f", {train_frames // 1000}k frames")
+
+    models = {label(args.force_map, args.train_frames): full}
+    # the other trained potentials (other force map, default number of frames): side by side in one run
+    for other, frames in ((m, n) for m in FORCE_MAPS for n in dict.fromkeys([args.train_frames, DEFAULT_TRAIN_FRAMES])):
+        path = work_files(args.aa_ns, work, other, frames)["potential"]
+        if (other, frames) != (args.force_map, args.train_frames) and path.exists() and not args.quick:
+            models[label(other, frames)] = CGPotential.load(path, mapping=mapping)
     models["priors only"] = full.priors_only()
 
     rng = np.random.default_rng(0)
