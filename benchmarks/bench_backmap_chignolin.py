@@ -9,10 +9,13 @@ conditioned on their previous atoms within 0.6 nm); ``--units molecule`` is the 
 as one unit.
 
     python benchmarks/bench_backmap_chignolin.py [--units residue] [--epochs 60] [--test-ns 2] [--rollout-steps 0]
-        [--candidates M] [--relax ITERATIONS] [--relax-md STEPS] [--retrain] [--train-only temporal|frame] [--quick]
+        [--candidates M] [--relax ITERATIONS] [--relax-md STEPS] [--hidden WIDTH] [--latency-against WIDTH ...]
+        [--retrain] [--train-only temporal|frame] [--quick]
 
 ``--relax`` adds a ``temporal_relax`` row: the temporal chain with every frame minimised with the AA System (beads
 held) and, with ``--relax-md``, then run that many restrained Langevin steps at 350 K (``Relaxer``).
+
+``--latency-against 512`` times one chain step of the saved 512-wide temporal model beside the default one.
 
 ``--quick`` (a smoke run) trains on a short AA run of its own (unless the results folder has the data of
 ``bench_cg_chignolin``) and tests on a short one.
@@ -40,6 +43,26 @@ from openmm_backmap.evaluation import evaluate_run  # noqa: E402
 from openmm_backmap.mapping import CGMapping  # noqa: E402
 
 DEFAULT_HIDDEN = DEFAULT_ARCHITECTURE["hidden"]
+LATENCY_STEPS, LATENCY_BLOCK = 600, 50
+
+
+def step_latency_ms(chains: dict, cg: np.ndarray) -> dict:
+    """Median wall time (ms) of one ``BackmapChain.step`` per chain, with the model loaded: the chains take turns
+    in blocks of ``LATENCY_BLOCK`` consecutive test frames, so load on the machine hits them alike. Each chain's
+    first step (the library pick that starts it) is not timed."""
+    times = {name: [] for name in chains}
+    for chain in chains.values():
+        chain.step(cg[0])
+    for start in range(1, LATENCY_STEPS + 1, LATENCY_BLOCK):
+        for name, chain in chains.items():
+            for frame in cg[start:start + LATENCY_BLOCK]:
+                t0 = time.perf_counter()
+                chain.step(frame)
+                times[name].append(time.perf_counter() - t0)
+    return {name: {"median_ms": 1e3 * float(np.median(t)), "p90_ms": 1e3 * float(np.percentile(t, 90)),
+                   "steps": len(t)} for name, t in times.items()}
+
+
 KEYS = ("bond_score", "clash_score", "energy_jsd", "energy_shift_kj_mol", "fes_jsd", "velocity_jsd",
         "velocity_jsd_ratio", "drift_kj_mol")
 
@@ -65,6 +88,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
                         help="width of the per-residue networks (default: the library's, %(default)s); another width "
                              "keeps its models and results apart (`_h<width>` files, backmap_chignolin_h<width>.md)")
+    parser.add_argument("--latency-against", type=int, nargs="*", default=[], metavar="WIDTH",
+                        help="also time one chain step of the saved temporal models of these widths, interleaved "
+                             "with the default model's (ratios measured side by side)")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--train-only", choices=("temporal", "frame"), default=None,
                         help="train (or retrain) this model, save it and stop: lets the two models train in "
@@ -116,7 +142,8 @@ def main() -> None:
     cutoff = args.environment_cutoff if args.environment_cutoff is not None else (
         0.6 if args.units == "residue" else 0.0)
     width = "" if args.hidden == DEFAULT_HIDDEN else f"_h{args.hidden}"
-    tag = ("" if args.units == "molecule" else f"_{args.units}") + width
+    unit_tag = "" if args.units == "molecule" else f"_{args.units}"
+    tag = unit_tag + width
     base = {"hidden": args.hidden, "units": args.units, "environment_cutoff_nm": cutoff}
     for name, arch in (("temporal", {}), ("frame", {"condition_on_previous": False})):
         if args.train_only not in (None, name):
@@ -182,6 +209,14 @@ def main() -> None:
                                      baseline=outputs[baseline], mapping=mapping,
                                      title=f"chignolin (Cα map): {name} vs frame-based")
     timings["evaluate_s"] = time.perf_counter() - t0
+    chains = {}
+    for w in [args.hidden, *args.latency_against]:
+        model = models["temporal"] if w == args.hidden else TemporalBackmapper.load(
+            work / f"backmapper_temporal{unit_tag}{'' if w == DEFAULT_HIDDEN else f'_h{w}'}.pt",
+            mapping)
+        for m in sorted({n_candidates, 1}, reverse=True):
+            chains[f"{w} wide, {m} draw{'s' if m > 1 else ''}"] = model.chain(seed=1, candidates=m)
+    latency = step_latency_ms(chains, cg)
     rows = {}
     for name, rep in reports.items():
         for row in rep["metrics"]:
@@ -197,7 +232,7 @@ def main() -> None:
                                                      "temperature_K": 350.0, "friction_per_ps": 10.0,
                                                      "timestep_ps": 0.002, "md_rejected": relaxer.md_rejected,
                                                      "frames": int(len(cg))},
-              "timings": timings, "quick": args.quick}
+              "latency": latency, "timings": timings, "quick": args.quick}
     lines = ["| metric | subject | value | target | met |", "|---|---|---|---|---|"]
     for key, cells in rows.items():
         for subject, (value, target, passed) in cells.items():
@@ -227,6 +262,9 @@ def main() -> None:
         + "\n".join(lines) + "\n\n"
         "Backmapping cost per frame (ms, one thread): "
         + ", ".join(f"{n} {timings[f'backmap_{n}_ms_per_frame']:.2f}" for n, *_ in runs) + ". "
+        "One chain step with the model loaded (target ≤ 20 ms; median and 90th percentile of "
+        f"{LATENCY_STEPS} steps, the models taking turns in blocks of {LATENCY_BLOCK}): "
+        + ", ".join(f"{n} {v['median_ms']:.1f} ms (p90 {v['p90_ms']:.1f})" for n, v in latency.items()) + ". "
         f"Full reports: `{reports_dir}/report_*/report.html`.\n"
     )
     save(f"backmap_chignolin{width}", record, md_text)
