@@ -40,6 +40,8 @@ from torch import nn
 
 from .._topology import topology_from_json, topology_to_json
 from ._environment import EnvironmentIndex, Neighbors
+from ._stacked import StackedKinds
+from ._stacked import pad as _stacked_pad
 from .._units import UnitKind, UnitLayout, kabsch, kabsch_residual, minimum_image, random_rotations, whole
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +73,21 @@ def _mlp(n_in: int, hidden: int, n_out: int, n_layers: int, zero_last: bool = Fa
         nn.init.zeros_(last.bias)
     layers.append(last)
     return nn.Sequential(*layers)
+
+
+def draw_mixture(log_w: torch.Tensor, means: torch.Tensor, log_std: torch.Tensor, generator: torch.Generator,
+                 repeats: int = 1) -> torch.Tensor:
+    """One draw ``(U * repeats, latent_dim)`` (float64) from each of ``U`` diagonal Gaussian mixtures (log weights
+    ``(U, M)``, means and log standard deviations ``(U, M, latent_dim)``), each mixture used for ``repeats``
+    consecutive draws."""
+    log_w, means, log_std = (t.double().cpu().repeat_interleave(repeats, dim=0) for t in (log_w, means, log_std))
+    n = len(log_w)
+    # component by inverse CDF (torch.multinomial costs ~0.1 ms per call, a sizeable part of a frame)
+    u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    comp = (log_w.exp().cumsum(1) < u).sum(1).clamp(max=log_w.shape[1] - 1)
+    rows = torch.arange(n)
+    eps = torch.randn(n, means.shape[-1], generator=generator, dtype=torch.float64)
+    return means[rows, comp] + log_std[rows, comp].exp() * eps
 
 
 class KindModel(nn.Module):
@@ -179,15 +196,22 @@ class KindModel(nn.Module):
 
     def condition(self, local_beads: torch.Tensor, local_previous: Optional[torch.Tensor], scale: float,
                   environment: Optional[Neighbors] = None) -> torch.Tensor:
+        """The decoder's condition ``(U, n_cond)``: local frame beads, local previous atoms, environment."""
+        if self.environment is not None and environment is None:
+            raise ValueError("this backmapper is conditioned on the local environment, but none was given")
+        embedded = self.embed_environment(environment) if self.environment is not None else None
+        return self.condition_embedded(local_beads, local_previous, scale, embedded)
+
+    def condition_embedded(self, local_beads: torch.Tensor, local_previous: Optional[torch.Tensor], scale: float,
+                           embedded: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`condition` with the environment already embedded (:meth:`embed_environment`)."""
         parts = [((local_beads - self.bead_template) / scale).flatten(1)]
         if self.condition_on_previous:
             if local_previous is None:
                 raise ValueError("this backmapper is conditioned on the previous AA frame, but none was given")
             parts.append(((local_previous - self.atom_template) / scale).flatten(1))
-        if self.environment is not None:
-            if environment is None:
-                raise ValueError("this backmapper is conditioned on the local environment, but none was given")
-            parts.append(self.embed_environment(environment))
+        if embedded is not None:
+            parts.append(embedded)
         return torch.cat(parts, dim=1)
 
     def embed_environment(self, env: Neighbors) -> torch.Tensor:
@@ -228,7 +252,11 @@ class KindModel(nn.Module):
         deviations ``(U, K, latent_dim)`` (diagonal components)."""
         if self.latent_prior is None:
             raise ValueError("this model has no conditional latent prior")
-        out = self.latent_prior(self._squash(cond))
+        return self.split_prior(self.latent_prior(self._squash(cond)))
+
+    def split_prior(self, out: torch.Tensor):
+        """The conditional prior network's output ``(U, M (1 + 2 latent_dim))`` as log weights, means and log
+        standard deviations (see :meth:`latent_distribution`)."""
         k, d = self.n_mixture, self.latent_dim
         logits, means, log_std = out.split([k, k * d, k * d], dim=1)
         log_std = log_std.view(-1, k, d).clamp(*_PRIOR_LOG_STD)
@@ -247,15 +275,7 @@ class KindModel(nn.Module):
         if self.latent_prior is not None:
             if cond is None:
                 raise ValueError("this model's latent prior is conditional: give the condition")
-            log_w, means, log_std = (t.double().cpu().repeat_interleave(repeats, dim=0)
-                                     for t in self.latent_distribution(cond))
-            # component by inverse CDF (torch.multinomial costs ~0.1 ms per call, a sizeable part of a frame)
-            u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
-            comp = (log_w.exp().cumsum(1) < u).sum(1).clamp(max=self.n_mixture - 1)
-            rows = torch.arange(n)
-            eps = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
-            z = means[rows, comp] + log_std[rows, comp].exp() * eps
-            return z.to(cond.dtype)
+            return draw_mixture(*self.latent_distribution(cond), generator, repeats).to(cond.dtype)
         comp = torch.multinomial(self.mixture_weights.double().cpu(), n, replacement=True, generator=generator)
         eps = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float64)
         tril = self.mixture_scale_tril.double().cpu()[comp]
@@ -521,17 +541,29 @@ class TemporalBackmapper(nn.Module):
         if self.environment_index is not None:  # one neighbour search per frame for all kinds
             envs = self.environment_index.neighbors_all([f[0] for f in frames], [f[1] for f in frames], beads,
                                                         previous, box)
+        # the networks of all kinds run as one batched call per layer (see ._stacked); the prior's runs once per
+        # unit, the decoder once per candidate
+        stacked = self._stacked()
+        dtype = stacked.dtype
+        embedded = stacked.embed(envs) if stacked.environment is not None else [None] * len(self.kinds)
+        conds = [model.condition_embedded(lb.to(dtype), lp.to(dtype) if lp is not None else None, self.length_scale,
+                                          emb)
+                 for model, (_, _, lb, lp, _), emb in zip(self.kinds, frames, embedded)]
+        counts = [len(c) for c in conds]
+        squashed = self.kinds[0]._squash(_stacked_pad(conds))
+        if stacked.prior is not None:
+            z_all = draw_mixture(*stacked.latent_distributions(squashed, counts), generator, m).to(dtype)
+            z = list(z_all.split([n * m for n in counts]))
+        else:
+            z = [model.sample_latent(n * m, generator) for model, n in zip(self.kinds, counts)]
+        own = [model.own_beads(f[2].to(dtype)).repeat_interleave(m, dim=0) for model, f in zip(self.kinds, frames)]
+        locals_ = stacked.decode(squashed.repeat_interleave(m, dim=1) if m > 1 else squashed, z, own,
+                                 self.length_scale)
         decoded = []
-        for k, (model, (origin, rot, lb, lp, _), env) in enumerate(zip(self.kinds, frames, envs)):
-            dtype = model.atom_template.dtype
-            lb = lb.to(dtype)
-            cond = model.condition(lb, lp.to(dtype) if lp is not None else None, self.length_scale, env)
-            z = model.sample_latent(len(lb) * m, generator, cond, repeats=m)  # the prior's network runs once
+        for k, ((origin, rot, _, _, _), local) in enumerate(zip(frames, locals_)):
             if m > 1:
-                cond, lb = cond.repeat_interleave(m, dim=0), lb.repeat_interleave(m, dim=0)
                 origin, rot = origin.repeat_interleave(m, dim=0), rot.repeat_interleave(m, dim=0)
-            local = model.decode(cond, z, self.length_scale, lb).to(beads.dtype)
-            glob = origin.unsqueeze(1) + local @ rot.transpose(-1, -2)
+            glob = origin.unsqueeze(1) + local.to(beads.dtype) @ rot.transpose(-1, -2)
             if m == 1:
                 self.scatter(k, out, glob)
             else:
@@ -539,6 +571,23 @@ class TemporalBackmapper(nn.Module):
         if m > 1:
             self._pick_linked(out, decoded, box, generator)
         return out
+
+    def _stacked(self) -> StackedKinds:
+        """The kinds' networks stacked for inference (:mod:`._stacked`), rebuilt when a weight or buffer has been
+        changed in place (its version counter moved) or the module was moved or cast (:meth:`_apply`)."""
+        cache = self.__dict__.get("_stacked_cache")
+        try:
+            if cache is not None and all(t._version == v for t, v in cache[0]):
+                return cache[1]
+            versions = [(t, t._version) for t in [*self.kinds.parameters(), *self.kinds.buffers()]]
+        except RuntimeError:  # inference tensors keep no version counter: no caching
+            return StackedKinds(self.kinds)
+        self.__dict__["_stacked_cache"] = (versions, StackedKinds(self.kinds))
+        return self.__dict__["_stacked_cache"][1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_stacked_cache", None)
+        return super()._apply(fn, *args, **kwargs)
 
     #: Latent draws per residue when ``candidates`` is not given, for backmappers whose units are joined by bonds
     #: (residue units) and whose link geometry is fitted (measured on chignolin: bond score 0.989 with one draw,
