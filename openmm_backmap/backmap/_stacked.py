@@ -11,7 +11,7 @@ their weights built for inference and rebuilt whenever a weight changes.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class StackedMLP:
         depth = len(layers[0])
         if any(len(ls) != depth for ls in layers):
             raise ValueError("stacked MLPs must have the same depth")
-        dtype = layers[0][0].weight.dtype
+        dtype, device = layers[0][0].weight.dtype, layers[0][0].weight.device
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor] = []
         self.n_out = [ls[-1].out_features for ls in layers]
@@ -54,13 +54,13 @@ class StackedMLP:
             for i in range(depth):
                 n_out = max(ls[i].out_features for ls in layers)
                 width = n_in if i == 0 else self.weights[-1].shape[2]
-                w = torch.zeros(len(layers), width, n_out, dtype=dtype)
-                b = torch.zeros(len(layers), 1, n_out, dtype=dtype)
+                w = torch.zeros(len(layers), width, n_out, dtype=dtype, device=device)
+                b = torch.zeros(len(layers), 1, n_out, dtype=dtype, device=device)
                 for k, ls in enumerate(layers):
                     lin = ls[i]
                     if i < depth - 1 and lin.out_features != n_out:
                         raise ValueError("stacked MLPs must have the same hidden width")
-                    rows = in_columns[k] if i == 0 else torch.arange(lin.in_features)
+                    rows = in_columns[k] if i == 0 else slice(0, lin.in_features)
                     w[k, rows, :lin.out_features] = lin.weight.detach().T
                     b[k, 0, :lin.out_features] = lin.bias.detach()
                 self.weights.append(w)
@@ -76,10 +76,10 @@ class StackedMLP:
         return x
 
 
-def pad(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def pad(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack tensors ``(U_k, *shape_k)`` of equal rank into ``(K, max U_k, *max shape_k)``, zero-padded."""
     shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-    out = torch.zeros(len(tensors), *shape, dtype=dtype or tensors[0].dtype)
+    out = torch.zeros(len(tensors), *shape, dtype=tensors[0].dtype, device=tensors[0].device)
     for k, t in enumerate(tensors):
         out[(k, *(slice(0, n) for n in t.shape))] = t
     return out
