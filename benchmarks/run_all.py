@@ -22,6 +22,7 @@ SECTIONS = {
     "liquid_density": "Liquid densities under NPT vs experiment (issue 2)",
     "energy": "AAEnergy vs OpenMM (issue 3)",
     "cg_alanine": "Force-matched CG alanine dipeptide: quality (issue 4)",
+    "cg_alanine_reseed": "Force-matched CG alanine dipeptide: spread between CG runs (issue 4)",
     "cg_chignolin": "Force-matched CG chignolin: stability and distances (issue 4)",
     "cg_speed": "CG alanine dipeptide in OpenMM: speed (issue 4)",
     "backmap_alanine": "Backmapping alanine dipeptide (issue 5)",
