@@ -28,6 +28,7 @@ SECTIONS = {
     "backmap_alanine": "Backmapping alanine dipeptide (issue 5)",
     "backmap_chignolin": "Backmapping chignolin (issue 5)",
     "backmap_chignolin_h512": "Backmapping chignolin with 512-wide networks (issue 5, `--hidden 512`)",
+    "reporter_overhead": "BackmapReporter on a running CG simulation: wall-time overhead (issue 5)",
     "liquids": "Molecular liquids: CG potentials, size transfer, backmapping, speed (issue 6)",
 }
 
