@@ -9,7 +9,7 @@ conditioned on their previous atoms within 0.6 nm); ``--units molecule`` is the 
 as one unit.
 
     python benchmarks/bench_backmap_chignolin.py [--units residue] [--epochs 60] [--test-ns 2] [--rollout-steps 0]
-        [--candidates M] [--relax ITERATIONS] [--relax-md STEPS] [--hidden WIDTH] [--latency-against WIDTH ...]
+        [--candidates M] [--relax ITERATIONS] [--relax-md STEPS ...] [--hidden WIDTH] [--latency-against WIDTH ...]
         [--cg-frames N] [--retrain] [--train-only temporal|frame] [--quick]
 
 The generalization set (seed 003's): when ``bench_cg_chignolin`` has trained its potential, 4 CG replicas of
@@ -17,7 +17,8 @@ The generalization set (seed 003's): when ``bench_cg_chignolin`` has trained its
 frame-based model; only distributions can be compared with the AA test run.
 
 ``--relax`` adds a ``temporal_relax`` row: the temporal chain with every frame minimised with the AA System (beads
-held) and, with ``--relax-md``, then run that many restrained Langevin steps at 350 K (``Relaxer``).
+held) and, with ``--relax-md``, then run that many restrained Langevin steps at 350 K (``Relaxer``). Several
+``--relax-md`` values give one row each (``temporal_relax_md<STEPS>``).
 
 ``--latency-against 512`` times one chain step of the saved 512-wide temporal model beside the default one.
 
@@ -89,8 +90,9 @@ def main() -> None:
     parser.add_argument("--relax", type=int, default=0, metavar="ITERATIONS",
                         help="also backmap with the temporal model relaxing every frame (Relaxer, this many L-BFGS "
                              "iterations; default 0: no such row)")
-    parser.add_argument("--relax-md", type=int, default=0, metavar="STEPS",
-                        help="restrained Langevin steps at 350 K after --relax's minimisation (10/ps, 2 fs)")
+    parser.add_argument("--relax-md", type=int, nargs="+", default=[0], metavar="STEPS",
+                        help="restrained Langevin steps at 350 K after --relax's minimisation (10/ps, 2 fs); several "
+                             "values: one relaxed row each")
     parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
                         help="width of the per-residue networks (default: the library's, %(default)s); another width "
                              "keeps its models and results apart (`_h<width>` files, backmap_chignolin_h<width>.md)")
@@ -185,13 +187,15 @@ def main() -> None:
     if compare_plain:
         runs += [("temporal_plain", models["temporal"], "model", 1, None),
                  ("frame_plain", models["frame"], "model", 1, None)]
-    relaxer = None
+    relaxers = {}
     if args.relax > 0:
         from openmm_backmap.backmap import Relaxer
 
-        relaxer = Relaxer(cln.system, mapping, atoms=models["temporal"].atom_indices, max_iterations=args.relax,
-                          md_steps=args.relax_md, temperature_K=350.0, seed=1)
-        runs.append(("temporal_relax", models["temporal"], "model", args.candidates, relaxer))
+        for md_steps in args.relax_md:
+            name = "temporal_relax" if len(args.relax_md) == 1 else f"temporal_relax_md{md_steps}"
+            relaxers[name] = Relaxer(cln.system, mapping, atoms=models["temporal"].atom_indices,
+                                     max_iterations=args.relax, md_steps=md_steps, temperature_K=350.0, seed=1)
+            runs.append((name, models["temporal"], "model", args.candidates, relaxers[name]))
     n_candidates = models["temporal"].chain(candidates=args.candidates).candidates
     outputs = {}
     for name, model, mode, candidates, relax in runs:
@@ -217,7 +221,10 @@ def main() -> None:
         cg_mapping = CGMapping.from_preset(cln.topology, "ca", system=cln.system)  # as the potential was trained
         potential = CGPotential.load(pot_path, mapping=cg_mapping)
         per_frame = int(round(LAG_PS / 0.004))  # 4 fs steps, one frame every τ
-        starts = [cg[i] for i in np.linspace(0, len(cg) - 1, GENERALIZATION_REPLICAS).astype(int)]
+        start_frames = np.linspace(0, len(cg) - 1, GENERALIZATION_REPLICAS).astype(int)
+        starts = [cg[i] for i in start_frames]
+        with AADataset(test_path) as ds:  # the AA frames the CG replicas start from: each chain's first condition
+            first_aa = [ds.positions[int(i)].astype(np.float64) for i in start_frames]
         t0 = time.perf_counter()
         frames, info = run_cg(cg_mapping, potential.float(), starts, args.cg_frames * per_frame, 4.0, per_frame,
                               seed=11, temperature_K=350.0)
@@ -228,8 +235,13 @@ def main() -> None:
             out = work / f"aa_{name}{tag}.dcd"
             with AATrajectoryWriter(out, model.topology, dt_ps=0.004) as writer:
                 for r in range(frames.shape[1]):  # replica after replica (one after the other in time), own chains
-                    xyz = model.backmap_trajectory(frames[:, r], seed=r, progress=True)
-                    for t, frame in enumerate(xyz, start=r * len(xyz) + 1):
+                    # conditioned on the AA frame the replica started from (BackmapReporter's first_frame), as a
+                    # user who starts a CG run from a mapped AA structure would
+                    with_start = np.concatenate([starts[r][None], frames[:, r]])  # frame 0: the start, given
+                    xyz = model.backmap_trajectory(with_start, seed=r, first_frame_nm=first_aa[r],
+                                                   progress=True)[1:]
+                    # one τ left out between replicas: no intra-frame velocity is taken across two replicas
+                    for t, frame in enumerate(xyz, start=r * (len(xyz) + 1) + 1):
                         writer.write(frame, step=per_frame * t, time_ps=LAG_PS * t)
             outputs[name] = out
 
@@ -240,8 +252,7 @@ def main() -> None:
         pairs.append(("generalization", "generalization_frame"))
     if compare_plain:
         pairs.append(("temporal_plain", "frame_plain"))
-    if relaxer is not None:
-        pairs.append(("temporal_relax", "frame"))
+    pairs += [(name, "frame") for name in relaxers]
     for name, baseline in pairs:
         reports[name] = evaluate_run(work / f"report_{name}{tag}", reference=test_path, backmapped=outputs[name],
                                      baseline=outputs[baseline], mapping=mapping,
@@ -266,9 +277,9 @@ def main() -> None:
               "epochs": {n: m.metadata.get("epochs") for n, m in models.items()},
               "rollout_steps": {n: m.metadata.get("rollout_steps") for n, m in models.items()},
               "candidates": n_candidates, "metrics": rows,
-              "relax": None if relaxer is None else {"max_iterations": args.relax, "md_steps": args.relax_md,
+              "relax": None if not relaxers else {"max_iterations": args.relax, "md_steps": args.relax_md,
                                                      "temperature_K": 350.0, "friction_per_ps": 10.0,
-                                                     "timestep_ps": 0.002, "md_rejected": relaxer.md_rejected,
+                                                     "timestep_ps": 0.002, "md_rejected": {n: r.md_rejected for n, r in relaxers.items()},
                                                      "frames": int(len(cg))},
               "generalization": generalization, "latency": latency, "timings": timings, "quick": args.quick}
     lines = ["| metric | subject | value | target | met |", "|---|---|---|---|---|"]
@@ -294,8 +305,9 @@ def main() -> None:
         + ("; `temporal_plain` rows compare both with one draw" if compare_plain else "")
         + (f"; `temporal_relax` rows are the temporal chain with every frame minimised with the AA System (at most "
            f"{args.relax} L-BFGS iterations, beads held)"
-           + (f" and then run {args.relax_md} restrained Langevin steps at 350 K (2 fs, 10/ps)" if args.relax_md else "")
-           + ", against the unrelaxed frame-based baseline" if relaxer is not None else "")
+           + (f" and then run {' or '.join(map(str, args.relax_md))} restrained Langevin steps at 350 K (2 fs, 10/ps; "
+              "`_md<STEPS>`)" if any(args.relax_md) else "")
+           + ", against the unrelaxed frame-based baseline" if relaxers else "")
         + (f"; `generalization` rows: {generalization['cg_frames']} frames of CG MD ({GENERALIZATION_REPLICAS} "
            f"replicas, 4 fs, 350 K, a frame every τ) with the force-matched potential of `cg_chignolin` "
            "(priors + SchNet, constraint-aware force map), backmapped by the temporal model and, as baseline, by "
