@@ -59,6 +59,7 @@ _NAMES = {
     "energy_jsd": "AA potential-energy JSD",
     "energy_shift_kj_mol": "AA potential-energy mean shift",
     "energy_mean_kj_mol": "AA potential energy (mean)",
+    "energy_median_shift_kj_mol": "AA potential-energy median shift",
     "drift_kj_mol": "Energy drift (mean of last 10 % − first 10 %)",
     "fes_jsd": "φ/ψ free-energy surface JSD (36×36)",
     "bonds_jsd_mean": "Bond-length JSD (mean over bond types)",
@@ -317,17 +318,20 @@ def _single_atom_beads(mapping) -> dict[int, int]:
     return out
 
 
-def _energies(energy, xyz: np.ndarray, box: Optional[np.ndarray]) -> np.ndarray:
+def _energies(energy, xyz: np.ndarray, box: Optional[np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Total AA energies ``(n_frames,)`` and the energies per term category (kJ/mol); the total is their sum."""
     import torch
 
     chunk = max(1, min(1000, 200_000 // max(1, xyz.shape[1])))
-    out = []
+    parts: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         for start in range(0, len(xyz), chunk):
             pos = torch.as_tensor(xyz[start:start + chunk], dtype=torch.float64)
             b = None if box is None else torch.as_tensor(box[start:start + chunk], dtype=torch.float64)
-            out.append(energy(pos, b).numpy())
-    return np.concatenate(out)
+            for category, value in energy.terms(pos, b).items():
+                parts.setdefault(category, []).append(value.numpy())
+    terms = {category: np.concatenate(values) for category, values in parts.items()}
+    return sum(terms.values()), terms
 
 
 def _pair_speeds(traj: _Trajectory, lag_ps: float, atoms: Optional[np.ndarray],
@@ -742,7 +746,7 @@ def evaluate_run(
     t0 = _time.perf_counter()
     energy = AAEnergy(sys_)
     energies: dict[str, np.ndarray] = {}
-    energies["AA reference"] = _energies(energy, ref_xyz, ref_box)
+    energies["AA reference"], ref_terms = _energies(energy, ref_xyz, ref_box)
     if stored_energy is not None:
         details["reference"]["stored_energy_max_abs_diff_kj_mol"] = float(
             np.max(np.abs(energies["AA reference"] - stored_energy)))
@@ -752,12 +756,17 @@ def evaluate_run(
         if energy.periodic and traj.box is None:
             notes.append(f"{name}: the System is periodic but the file stores no box; energies skipped")
             continue
-        e = _energies(energy, traj.xyz, traj.box if energy.periodic else None)
+        e, terms = _energies(energy, traj.xyz, traj.box if energy.periodic else None)
         energies[name] = e
         d = details[name]
         dist = M.energy_distribution(energies["AA reference"], e)
         d.update(energy_jsd=dist["jsd"], energy_shift_kj_mol=dist["mean_shift_kj_mol"],
                  energy_mean_kj_mol=dist["predicted_mean_kj_mol"], energy_std_kj_mol=dist["predicted_std_kj_mol"])
+        # Medians: a few frames with overlapping atoms (10^6 kJ/mol and more) decide the mean shift; the median
+        # shift, split by term, says where the bulk of the frames sits and which part of the force field puts it there.
+        d["energy_median_shift_kj_mol"] = float(np.median(e) - np.median(energies["AA reference"]))
+        d["energy_median_shift_by_term_kj_mol"] = {
+            k: float(np.median(terms[k]) - np.median(ref_terms[k])) for k in ref_terms if k in terms}
         if len(e) >= 10:
             kk = max(1, len(e) // 10)
             d["drift"] = {"first_mean_kj_mol": float(e[:kk].mean()), "last_mean_kj_mol": float(e[-kk:].mean()),
@@ -882,6 +891,8 @@ def evaluate_run(
     add("clash_score", with_reference=True)
     add("energy_jsd")
     add("energy_shift_kj_mol", "kJ/mol")
+    add("energy_median_shift_kj_mol", "kJ/mol", lambda d: "by term: " + ", ".join(
+        f"{k} {v:+.3g}" for k, v in d["energy_median_shift_by_term_kj_mol"].items()))
     for s in subjects:
         if "energy_mean_kj_mol" in details[s]:
             rows.append(_row("energy_mean_kj_mol", s, details[s]["energy_mean_kj_mol"], unit="kJ/mol",

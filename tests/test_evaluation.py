@@ -139,6 +139,58 @@ def test_corrupted_frames_fail_the_targets(adp_run, tmp_path):
     assert "cg_log.png" not in {Path(f["path"]).name for f in data["figures"]}
 
 
+def test_median_energy_shift_by_term_matches_openmm(adp_run, tmp_path):
+    """The median shift and its split by term equal what OpenMM gives per force (each force in its own group)."""
+    import openmm
+    from openmm import unit
+
+    from openmm_backmap.evaluation import evaluate_run
+    from openmm_backmap.formats import AATrajectoryWriter
+
+    adp, xyz = adp_run["adp"], adp_run["xyz"][:200]
+    top = adp.topology
+    names = [a.name for a in top.atoms()]
+    ca, cb = names.index("CA"), names.index("CB")
+    stretched = xyz.copy()  # the CA-CB bond 0.01 nm longer (CB moved along the bond) in every frame
+    axis = xyz[:, cb] - xyz[:, ca]
+    stretched[:, cb] += 0.01 * axis / np.linalg.norm(axis, axis=1, keepdims=True)
+    path = tmp_path / "stretched.dcd"
+    with AATrajectoryWriter(path, top, dt_ps=0.002) as writer:
+        for k, x in enumerate(stretched):
+            writer.write(x, 20 * (k + 1), 0.04 * (k + 1))
+    result = evaluate_run(tmp_path / "stretched", reference=adp_run["reference"], backmapped=path,
+                          max_reference_frames=200)
+    details = result["details"]["backmapped"]
+
+    system = openmm.XmlSerializer.clone(adp.system)
+    groups = {}
+    for i, force in enumerate(system.getForces()):
+        force.setForceGroup(i)
+        groups[type(force).__name__] = i
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+
+    def energies(frames, group=None):
+        out = []
+        for x in frames:
+            context.setPositions(x.astype(np.float32).astype(np.float64))  # as stored (DCD/HDF5 hold float32)
+            state = context.getState(getEnergy=True, **({} if group is None else {"groups": {group}}))
+            out.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+        return np.array(out)
+
+    ref = adp_run["xyz"][::3]  # the reference frames evaluate_run uses (600 frames, at most 200: every third)
+    assert len(ref) == 200
+    assert details["energy_median_shift_kj_mol"] == pytest.approx(
+        np.median(energies(stretched)) - np.median(energies(ref)), abs=0.05)
+    by_term = details["energy_median_shift_by_term_kj_mol"]
+    for term, force in (("bond", "HarmonicBondForce"), ("angle", "HarmonicAngleForce"),
+                        ("torsion", "PeriodicTorsionForce")):
+        expected = np.median(energies(stretched, groups[force])) - np.median(energies(ref, groups[force]))
+        assert by_term[term] == pytest.approx(expected, abs=0.05), term
+    assert by_term["bond"] > 5  # 0.01 nm on a C-C bond of k ~ 2.6e5 kJ/mol/nm^2: ~13 kJ/mol
+    row = _rows(result)["energy_median_shift_kj_mol"]
+    assert row["passed"] is None and "bond" in row["note"]
+
+
 def test_h5_backmapped_and_explicit_topology(adp_run, tmp_path):
     """An .h5 trajectory carries its topology; a PDB trajectory has no times, so the velocity JSD needs lag_ps."""
     from openmm_backmap.evaluation import evaluate_run
