@@ -9,8 +9,9 @@ writes ``metrics.json``, PNG figures and ``report.html`` (:func:`openmm_backmap.
 Metrics (functions of :mod:`openmm_backmap.metrics`, combined as in ``benchmarks/bench_backmap_alanine.py``):
 
 * bond score (reference lengths = mean over the reference frames) and clash score;
-* AA potential-energy distribution (JSD, mean shift) with the reference's System (or ``system``) via
-  :class:`~openmm_backmap.energy.AAEnergy`, both sides recomputed from stored coordinates;
+* AA potential-energy distribution (JSD, mean shift; median shift with its split by term category) with the
+  reference's System (or ``system``) via :class:`~openmm_backmap.energy.AAEnergy`, both sides recomputed from
+  stored coordinates;
 * φ/ψ free-energy-surface JSD on a 36×36 grid (peptides: φ and ψ of the same residue, pooled over residues);
 * bond/angle/dihedral JSDs and Ψ;
 * intra-frame velocity JSD at the lag of the backmapped file (atoms without bead weight when a mapping is given),
