@@ -45,6 +45,7 @@ from openmm_backmap.backmap import BackmapperTrainer, TemporalBackmapper  # noqa
 from openmm_backmap.backmap.model import DEFAULT_ARCHITECTURE  # noqa: E402
 from openmm_backmap.data import AADataset, simulate_reference  # noqa: E402
 from openmm_backmap.evaluation import evaluate_run  # noqa: E402
+from openmm_backmap.formats import AATrajectoryWriter  # noqa: E402
 from openmm_backmap.mapping import CGMapping  # noqa: E402
 
 DEFAULT_HIDDEN = DEFAULT_ARCHITECTURE["hidden"]
@@ -205,31 +206,35 @@ def main() -> None:
     previous = json.loads(recorded.read_text()) if args.reuse and recorded.exists() else {}
     for name, model, mode, candidates, relax in runs:
         out = work / f"aa_{name}{tag}.dcd"
+        sidecar = out.with_suffix(".json")  # the cost of the run that wrote `out`, kept for --reuse
+        key = f"backmap_{name}_ms_per_frame"
         if args.reuse and out.exists():
             outputs[name] = out
-            key = f"backmap_{name}_ms_per_frame"
-            if key in previous.get("timings", {}):
-                timings[key] = previous["timings"][key]
-            if relax is not None and previous.get("relax"):
-                relax.md_rejected = previous["relax"]["md_rejected"].get(name, 0)
+            stored = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+            if key in stored or key in previous.get("timings", {}):
+                timings[key] = stored.get(key, previous.get("timings", {}).get(key))
+            if relax is not None:
+                relax.md_rejected = stored.get("md_rejected")
             continue
         t0 = time.perf_counter()
         xyz = model.backmap_trajectory(cg, seed=1, mode=mode, candidates=candidates, relax=relax, progress=True)
-        timings[f"backmap_{name}_ms_per_frame"] = 1e3 * (time.perf_counter() - t0) / len(cg)
-        from openmm_backmap.formats import AATrajectoryWriter
-
+        timings[key] = 1e3 * (time.perf_counter() - t0) / len(cg)
         with AATrajectoryWriter(out, model.topology, dt_ps=0.002) as writer:
             for t, frame in enumerate(xyz):
                 writer.write(frame, step=100 * (t + 1), time_ps=float(times[t]))
         outputs[name] = out
+        sidecar.write_text(json.dumps({key: timings[key], "md_rejected": None if relax is None else relax.md_rejected}))
 
     # -- generalization set: CG MD with the force-matched potential, backmapped by both models ------------------
     generalization = None
     pot_path = RESULTS / "work_cg_chignolin" / "potential.pt"
-    reused = [work / f"aa_{name}{tag}.dcd" for name in ("generalization", "generalization_frame")]
-    if args.reuse and all(p.exists() for p in reused) and previous.get("generalization"):
-        generalization = previous["generalization"]
-        outputs.update(generalization=reused[0], generalization_frame=reused[1])
+    # HDF5, which stores every frame's step: one τ is left out between replicas, which a DCD cannot do
+    reused = [work / f"aa_{name}{tag}.h5" for name in ("generalization", "generalization_frame")
+              + (("generalization_relax",) if relaxers else ())]
+    gen_sidecar = reused[0].with_suffix(".json")
+    if args.reuse and all(p.exists() for p in reused) and gen_sidecar.exists():
+        generalization = json.loads(gen_sidecar.read_text())
+        outputs.update({p.stem.removeprefix("aa_").removesuffix(tag): p for p in reused})
     elif args.cg_frames > 0 and pot_path.exists() and not args.quick:
         from bench_cg_alanine import run_cg
 
@@ -248,25 +253,34 @@ def main() -> None:
         timings["cg_md_s"] = time.perf_counter() - t0
         generalization = {"replicas": GENERALIZATION_REPLICAS, "cg_frames": int(frames.shape[0] * frames.shape[1]),
                           "blow_up": info["blow_up"], "potential": str(pot_path)}
-        for name, model in (("generalization", models["temporal"]), ("generalization_frame", models["frame"])):
-            out = work / f"aa_{name}{tag}.dcd"
+        gen_runs = [("generalization", models["temporal"], None), ("generalization_frame", models["frame"], None)]
+        if relaxers:  # the temporal chain relaxed as the first relaxed row (a Relaxer of its own: it counts frames)
+            gen_runs.append(("generalization_relax", models["temporal"], Relaxer(
+                cln.system, mapping, atoms=models["temporal"].atom_indices, max_iterations=args.relax,
+                md_steps=args.relax_md[0], temperature_K=350.0, seed=1)))
+        for name, model, relax in gen_runs:
+            out = work / f"aa_{name}{tag}.h5"
+            out.unlink(missing_ok=True)
             with AATrajectoryWriter(out, model.topology, dt_ps=0.004) as writer:
                 for r in range(frames.shape[1]):  # replica after replica (one after the other in time), own chains
                     # conditioned on the AA frame the replica started from (BackmapReporter's first_frame), as a
                     # user who starts a CG run from a mapped AA structure would
                     with_start = np.concatenate([starts[r][None], frames[:, r]])  # frame 0: the start, given
-                    xyz = model.backmap_trajectory(with_start, seed=r, first_frame_nm=first_aa[r],
+                    xyz = model.backmap_trajectory(with_start, seed=r, first_frame_nm=first_aa[r], relax=relax,
                                                    progress=True)[1:]
                     # one τ left out between replicas: no intra-frame velocity is taken across two replicas
                     for t, frame in enumerate(xyz, start=r * (len(xyz) + 1) + 1):
                         writer.write(frame, step=per_frame * t, time_ps=LAG_PS * t)
             outputs[name] = out
+            if relax is not None:
+                generalization["relax_md_rejected"] = relax.md_rejected
+        gen_sidecar.write_text(json.dumps(generalization))
 
     reports = {}
     t0 = time.perf_counter()
     pairs = [("temporal", "frame"), ("library", "frame")]
     if generalization is not None:
-        pairs.append(("generalization", "generalization_frame"))
+        pairs += [(n, "generalization_frame") for n in ("generalization", "generalization_relax") if n in outputs]
     if compare_plain:
         pairs.append(("temporal_plain", "frame_plain"))
     pairs += [(name, "frame") for name in relaxers]
@@ -327,8 +341,11 @@ def main() -> None:
            + ", against the unrelaxed frame-based baseline" if relaxers else "")
         + (f"; `generalization` rows: {generalization['cg_frames']} frames of CG MD ({GENERALIZATION_REPLICAS} "
            f"replicas, 4 fs, 350 K, a frame every τ) with the force-matched potential of `cg_chignolin` "
-           "(priors + SchNet, constraint-aware force map), backmapped by the temporal model and, as baseline, by "
-           "the frame-based one; only distributions can be compared"
+           "(priors + SchNet, constraint-aware force map), backmapped by the temporal model (each replica's chain "
+           "conditioned first on the AA frame the replica started from) and, as baseline, by the frame-based one"
+           + ("; `generalization_relax` rows: the temporal chain relaxed as in the first relaxed row"
+              if "generalization_relax" in outputs else "")
+           + "; only distributions can be compared"
            + (f" (the CG run blew up: {generalization['blow_up']})" if generalization["blow_up"] else "")
            if generalization is not None else "")
         + ".\n\n"

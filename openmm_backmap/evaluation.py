@@ -335,6 +335,17 @@ def _energies(energy, xyz: np.ndarray, box: Optional[np.ndarray]) -> tuple[np.nd
     return sum(terms.values()), terms
 
 
+def _drift(e: np.ndarray) -> dict[str, Any]:
+    """``{"drift": {...}, "drift_kj_mol": last 10 % mean − first 10 % mean}`` of energies in frame order, or ``{}``
+    with fewer than 10 frames."""
+    if len(e) < 10:
+        return {}
+    kk = max(1, len(e) // 10)
+    drift = {"first_mean_kj_mol": float(e[:kk].mean()), "last_mean_kj_mol": float(e[-kk:].mean()),
+             "std_kj_mol": float(e.std()), "frames_each": int(kk)}
+    return {"drift": drift, "drift_kj_mol": drift["last_mean_kj_mol"] - drift["first_mean_kj_mol"]}
+
+
 def _pair_speeds(traj: _Trajectory, lag_ps: float, atoms: Optional[np.ndarray],
                  assume_spacing: bool) -> Optional[np.ndarray]:
     """Speeds ``|Δx| / τ`` of consecutive frames spaced by ``lag_ps`` (flattened), or ``None`` if there are none."""
@@ -753,6 +764,7 @@ def evaluate_run(
             np.max(np.abs(energies["AA reference"] - stored_energy)))
     details["reference"]["energy_mean_kj_mol"] = float(energies["AA reference"].mean())
     details["reference"]["energy_std_kj_mol"] = float(energies["AA reference"].std())
+    details["reference"].update(_drift(energies["AA reference"]))
     for name, traj in trajs.items():
         if energy.periodic and traj.box is None:
             notes.append(f"{name}: the System is periodic but the file stores no box; energies skipped")
@@ -768,12 +780,8 @@ def evaluate_run(
         d["energy_median_shift_kj_mol"] = float(np.median(e) - np.median(energies["AA reference"]))
         d["energy_median_shift_by_term_kj_mol"] = {
             k: float(np.median(terms[k]) - np.median(ref_terms[k])) for k in ref_terms if k in terms}
-        if len(e) >= 10:
-            kk = max(1, len(e) // 10)
-            d["drift"] = {"first_mean_kj_mol": float(e[:kk].mean()), "last_mean_kj_mol": float(e[-kk:].mean()),
-                          "std_kj_mol": float(e.std()), "frames_each": int(kk)}
-            d["drift_kj_mol"] = d["drift"]["last_mean_kj_mol"] - d["drift"]["first_mean_kj_mol"]
-        else:
+        d.update(_drift(e))
+        if "drift" not in d:
             notes.append(f"{name}: fewer than 10 frames, drift skipped")
     timings["energy_s"] = _time.perf_counter() - t0
 
@@ -902,6 +910,11 @@ def evaluate_run(
                      unit="kJ/mol", note=f"std {details['reference']['energy_std_kj_mol']:.3g} kJ/mol"))
     add("drift_kj_mol", "kJ/mol", lambda d: f"first 10 % {d['drift']['first_mean_kj_mol']:.4g}, last 10 % "
                                             f"{d['drift']['last_mean_kj_mol']:.4g} kJ/mol")
+    if "drift" in details["reference"]:  # a reference that is not stationary drifts too: context for the target
+        ref_drift = details["reference"]["drift"]
+        rows.append(_row("drift_kj_mol", "AA reference", details["reference"]["drift_kj_mol"], unit="kJ/mol",
+                         judged=False, note=f"the reference's own drift over its frames (σ {ref_drift['std_kj_mol']:.3g} "
+                                            "kJ/mol); a backmapped test set follows it frame by frame"))
     add("fes_jsd")
     if "fes_jsd" in cg:
         rows.append(_row("fes_jsd", "CG run", cg["fes_jsd"], judged=False,

@@ -102,6 +102,9 @@ def test_reference_against_itself_is_perfect(adp_run, tmp_path):
     drift = result["details"]["backmapped"]["drift"]
     assert rows["drift_kj_mol"]["value"] == pytest.approx(drift["last_mean_kj_mol"] - drift["first_mean_kj_mol"])
     assert rows["drift_kj_mol"]["passed"] is (abs(rows["drift_kj_mol"]["value"]) <= drift["std_kj_mol"])
+    # the reference's own drift is shown beside it (context, not judged): here the same frames, so the same value
+    ref_drift = _rows(result, "AA reference")["drift_kj_mol"]
+    assert ref_drift["passed"] is None and ref_drift["value"] == pytest.approx(rows["drift_kj_mol"]["value"], abs=0.05)
     # the corrupted baseline fails, so the ratio target is met by a wide margin
     base = _rows(result, "baseline")
     assert base["bond_score"]["passed"] is False and base["velocity_jsd"]["value"] > 0.1
