@@ -10,7 +10,8 @@ frame is conditioned on the relaxed one.
 A minimised frame sits at the bottom of its well, below the thermal energies of the ensemble (chignolin at 350 K:
 -1200 kJ/mol after minimisation against -1100 +- 23 in the reference). ``md_steps`` adds what backward does after
 its minimisation: a short restrained Langevin run at the temperature of the ensemble (constraints kept), which
-brings the energy back to thermal values.
+brings the fast degrees of freedom back to thermal energies. Slow ones (side-chain packing, rotamers) stay where
+the backmapper put them: a relaxed frame is as good as the basin it was decoded into.
 """
 from __future__ import annotations
 
@@ -102,9 +103,12 @@ class Relaxer:
     restraint_kj_mol_nm2
         Force constant of the bead restraints (kJ/mol/nm²).
     md_steps
-        Restrained Langevin steps after the minimisation (0: none). Measured on chignolin (OBC2, 350 K): 50 steps of
-        2 fs at 10/ps move the median energy of minimised frames from -1190 to -1077 kJ/mol, against -1096 in the
-        reference ensemble; at 1/ps they leave it at -1189 (too little time to reach equipartition).
+        Restrained Langevin steps after the minimisation (0: none). Measured on chignolin (OBC2, 350 K, 10/ps, 2 fs,
+        10 000 backmapped frames in the temporal chain, ``bench_backmap_chignolin``): after 200 steps the bond, angle
+        and torsion energies match the reference ensemble's (median shifts -1, +2, 0 kJ/mol); after 50 they are
+        still cold (-21, -37, -8). The velocities are drawn afresh for every frame, so longer runs cost temporal
+        coherence (intra-frame velocity-JSD ratio to the frame-based model 0.14 after 50 steps, 0.40 after 200). At
+        1/ps, 50 steps leave a minimised frame almost as cold as they found it.
     temperature_K
         Temperature of the run (K); required with ``md_steps > 0``.
     friction_per_ps, timestep_ps
